@@ -1,19 +1,121 @@
 """The pytest entry point (``pytest11``). Kept thin and import-light.
 
-Everything heavy (mlx, mlx_lm, the server, the injector) is imported lazily inside
-fixtures and hooks that only run when the user asks for metaloom.
+Options and ini keys come from one table (``options.py``); fixtures live in
+``fixtures.py``; the OOM matrix is collected only with ``--metal-oom``. Nothing here
+imports mlx or mlx_lm: users who never ask for metaloom pay almost nothing.
 """
 
 from __future__ import annotations
 
+import signal
+from importlib import metadata
+
 import pytest
+
+from . import __version__
+from .fixtures import (  # noqa: F401 - fixtures are registered by being importable here
+    metaloom_injector,
+    metaloom_settings,
+    mlx_server,
+    mlx_server_factory,
+    mlx_server_session,
+    settings_of,
+    stop_all_servers,
+    tiny_model,
+)
+from .options import OPTIONS
+
+LOG_SECTION = "metaloom server log"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("metaloom", "Metal OOM fault injection for mlx_lm.server")
-    group.addoption(
-        "--metal-oom",
-        action="store_true",
-        default=False,
-        help="Collect and run the built-in Metal OOM scenario matrix.",
+    for option in OPTIONS:
+        kwargs: dict = {"dest": option.dest, "help": option.help, "default": None}
+        if option.kind == "bool":
+            kwargs["action"] = "store_true"
+        elif option.kind == "list":
+            kwargs["action"] = "append"
+        if option.metavar and option.kind != "bool":
+            kwargs["metavar"] = option.metavar
+        group.addoption(option.flag, **kwargs)
+        ini_type = {"bool": "bool", "list": "args"}.get(option.kind, "string")
+        parser.addini(option.ini, option.help, type=ini_type, default=None)
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def backend_name() -> str:
+    """Which MLX backend this machine has, told without importing mlx."""
+    import platform
+
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        return "metal"
+    if _dist_version("mlx-cuda") or _dist_version("mlx-cuda-12") or _dist_version("mlx-cuda-13"):
+        return "cuda"
+    return "cpu"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    settings = settings_of(config)
+    backend = backend_name()
+    mode = "real Metal" if settings.metaloom_real_metal else "simulated Metal faults"
+    model = settings.metaloom_model or settings.metaloom_url or "built-in tiny model"
+    return (
+        f"metaloom: {__version__}, mlx {_dist_version('mlx')}, mlx-lm {_dist_version('mlx-lm')}, "
+        f"backend {backend} ({mode}), model: {model}"
     )
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"received {signal.Signals(signum).name}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "metal_oom: a Metal OOM scenario (collected with --metal-oom)"
+    )
+    # pytest does not run finalizers on SIGTERM; turning it into an interrupt does.
+    try:
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+            config._metaloom_sigterm = True  # type: ignore[attr-defined]
+    except ValueError:  # not the main thread (embedded pytest)
+        pass
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    stop_all_servers()
+    if getattr(config, "_metaloom_sigterm", False):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    stop_all_servers()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if report.failed:
+        lines = settings_of(item.config).metaloom_log_lines
+        for name, value in getattr(item, "funcargs", {}).items():
+            tail = _log_tail_of(value, lines)
+            if tail:
+                report.sections.append((f"{LOG_SECTION} ({name})", tail))
+    return report
+
+
+def _log_tail_of(value: object, lines: int) -> str:
+    log_tail = getattr(value, "log_tail", None)
+    if not callable(log_tail) or not hasattr(value, "is_alive"):
+        return ""
+    try:
+        return log_tail(lines)
+    except Exception:  # a report must never crash on a broken server handle
+        return ""

@@ -1,0 +1,212 @@
+"""Fixtures and fixture factories (the pytest face of ``live.LiveServer``).
+
+Imports of mlx and the server machinery happen inside the fixtures, so merely loading
+the plugin stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .config import Settings
+
+_STARTED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def stop_all_servers() -> None:
+    """Stop every server the fixtures started and that is still running."""
+    for server in list(_STARTED):
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+def settings_of(config: pytest.Config) -> Settings:
+    settings = getattr(config, "_metaloom_settings", None)
+    if settings is None:
+        settings = Settings.resolve(config.getoption, config.getini)
+        config._metaloom_settings = settings  # type: ignore[attr-defined]
+    return settings
+
+
+def _run_dir(factory: pytest.TempPathFactory, name: str) -> Path:
+    return factory.mktemp(f"metaloom-{name}", numbered=True)
+
+
+def resolve_model(request: pytest.FixtureRequest, model: str | Path | None) -> Path | None:
+    """Factory argument > --metaloom-model > the built-in tiny model."""
+    settings = settings_of(request.config)
+    if model is not None:
+        return Path(model)
+    if settings.model_path is not None:
+        return settings.model_path
+    if settings.metaloom_url:
+        return None
+    return request.getfixturevalue("tiny_model")
+
+
+def start_server(
+    request: pytest.FixtureRequest,
+    *,
+    model: str | Path | None = None,
+    server_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    command: Sequence[str] | None = None,
+    faults: str | None = None,
+    limits: str | None = None,
+    overlay: str | Path | None = None,
+    guard: bool | None = None,
+    name: str = "mlx-server",
+    warmup: bool = True,
+) -> Any:
+    """Start a LiveServer configured from arguments > options > ini > defaults."""
+    from .live import LiveServer
+
+    settings = settings_of(request.config)
+    factory = request.getfixturevalue("tmp_path_factory")
+    server = LiveServer(
+        run_dir=_run_dir(factory, name),
+        model=resolve_model(request, model),
+        command=command if command is not None else settings.server_command,
+        server_args=[*settings.server_args, *server_args],
+        env=env,
+        faults=faults,
+        limits=limits,
+        overlay=overlay,
+        guard=settings.metaloom_guard if guard is None else guard,
+        url=settings.metaloom_url,
+        name=name,
+        start_timeout=settings.metaloom_start_timeout,
+        ready_timeout=settings.metaloom_ready_timeout,
+        stop_timeout=settings.metaloom_stop_timeout,
+        warmup=warmup,
+    )
+    _STARTED.add(server)
+    server.start()
+    return server
+
+
+def mlx_server_fixture(
+    *,
+    scope: str = "function",
+    model: str | Path | None = None,
+    server_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    command: Sequence[str] | None = None,
+    faults: str | None = None,
+    limits: str | None = None,
+    name: str = "mlx-server",
+) -> Callable[..., Any]:
+    """Return a fixture that runs one configured server for the given scope.
+
+    Example (in a conftest.py)::
+
+        from pytest_metaloom.fixtures import mlx_server_fixture
+        quantized_server = mlx_server_fixture(scope="module", server_args=["--kv-bits", "8"])
+    """
+
+    @pytest.fixture(scope=scope)  # type: ignore[call-overload]
+    def _fixture(request: pytest.FixtureRequest) -> Iterator[Any]:
+        server = start_server(
+            request,
+            model=model,
+            server_args=server_args,
+            env=env,
+            command=command,
+            faults=faults,
+            limits=limits,
+            name=name,
+        )
+        try:
+            yield server
+        finally:
+            server.stop()
+
+    return _fixture
+
+
+@pytest.fixture(scope="session")
+def metaloom_settings(request: pytest.FixtureRequest) -> Settings:
+    """The resolved metaloom settings of this session."""
+    return settings_of(request.config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in offline tiny llama model (built once, cached across sessions)."""
+    from .model import ModelSpec, build_tiny_model
+
+    return build_tiny_model(ModelSpec())
+
+
+@pytest.fixture(scope="session")
+def mlx_server_session(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """One shared server for the session; ``mlx_server`` hands it out per test."""
+    server = start_server(request, name="mlx-server")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mlx_server(mlx_server_session: Any) -> Iterator[Any]:
+    """A live, healthy ``mlx_lm.server`` with nothing armed.
+
+    The session's server is reused while it stays healthy; if a previous test killed
+    or wedged it, it is restarted first. Faults armed by the test are disarmed after.
+    """
+    server = mlx_server_session
+    if server.injector is not None and not _healthy(server):
+        server.restart()
+    yield server
+    if server.injector is not None and server.is_alive():
+        with contextlib.suppress(Exception):
+            server.disarm()
+
+
+def _healthy(server: Any) -> bool:
+    from .process import http_request
+
+    if not server.is_alive():
+        return False
+    try:
+        status, _ = http_request(server.url + "/health", timeout=5.0)
+    except OSError:
+        return False
+    return status == 200
+
+
+@pytest.fixture
+def mlx_server_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
+    """Start servers on demand inside a test; all are stopped when the test ends.
+
+    ``mlx_server_factory(server_args=[...], faults="1*cmdbuf_oom(abort)", env={...})``
+    """
+    started: list[Any] = []
+
+    def make(**kwargs: Any) -> Any:
+        kwargs.setdefault("name", f"mlx-server-{len(started) + 1}")
+        server = start_server(request, **kwargs)
+        started.append(server)
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in started:
+            with contextlib.suppress(Exception):
+                server.stop()
+
+
+@pytest.fixture
+def metaloom_injector(mlx_server: Any) -> Any:
+    """The fault-injection control of ``mlx_server``: ``arm``, ``disarm``, ``events``..."""
+    if mlx_server.injector is None:
+        pytest.skip("the server comes from --metaloom-url; faults cannot be injected into it")
+    return mlx_server.injector

@@ -1,0 +1,158 @@
+"""A metaloom-managed server: the process, its injector control and its event log.
+
+``ServerProcess`` knows nothing of faults; this module composes it with the
+environment that loads the in-server injector (and, when asked, a patch overlay or
+the guard in front). Scripts, the fixtures and the matrix all use it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .process import (
+    DEFAULT_READY_TIMEOUT,
+    DEFAULT_START_TIMEOUT,
+    DEFAULT_STOP_TIMEOUT,
+    ExternalServer,
+    ServerProcess,
+)
+
+
+class LiveServer:
+    """One server under test. ``injector`` is None when metaloom cannot control it."""
+
+    def __init__(
+        self,
+        *,
+        run_dir: str | Path,
+        model: str | Path | None = None,
+        command: Sequence[str] | None = None,
+        server_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        faults: str | None = None,
+        limits: str | None = None,
+        overlay: str | Path | None = None,
+        guard: bool = False,
+        url: str | None = None,
+        name: str = "mlx-server",
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+        ready_timeout: float = DEFAULT_READY_TIMEOUT,
+        stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        warmup: bool = True,
+    ) -> None:
+        from .injector import Injector, bootstrap_env
+
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.model = Path(model) if model is not None else None
+        self.guard = guard
+        self.overlay = Path(overlay) if overlay is not None else None
+        self.injector: Any = None
+        if url is not None:
+            self.process: ServerProcess | ExternalServer = ExternalServer(url)
+            return
+        inject_env = bootstrap_env(self.run_dir, faults=faults, limits=limits, base_env=env)
+        full_env = {**(env or {}), **inject_env}
+        if self.overlay is not None:
+            full_env["PYTHONPATH"] = os.pathsep.join(
+                [str(self.overlay), full_env.get("PYTHONPATH", "")]
+            ).rstrip(os.pathsep)
+        self.injector = Injector(inject_env["METALOOM_CONTROL"], inject_env["METALOOM_EVENTS"])
+        if guard:
+            command, server_args = self._behind_guard(command, server_args)
+        self.process = ServerProcess(
+            model=self.model,
+            command=command,
+            server_args=server_args,
+            env=full_env,
+            log_dir=self.run_dir,
+            name=name,
+            start_timeout=start_timeout,
+            ready_timeout=ready_timeout,
+            stop_timeout=stop_timeout,
+            warmup=warmup,
+        )
+
+    def _behind_guard(
+        self, command: Sequence[str] | None, server_args: Sequence[str]
+    ) -> tuple[list[str], list[str]]:
+        from .guard import guard_command
+
+        if command is None:
+            if self.model is None:
+                raise ValueError("a model is needed to run mlx_lm.server behind the guard")
+            worker = ["{python}", "-m", "mlx_lm", "server", "--model", str(self.model)]
+        else:
+            worker = list(command)
+        worker = [part.replace("{python}", sys.executable) for part in worker]
+        return guard_command([*worker, *server_args], port="{port}"), []
+
+    # -- delegation ----------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    @property
+    def signal(self) -> str | None:
+        return self.process.signal
+
+    def is_alive(self) -> bool:
+        return self.process.is_alive()
+
+    def log_text(self) -> str:
+        return self.process.log_text()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return self.process.log_tail(lines)
+
+    def start(self) -> LiveServer:
+        self.process.start()
+        return self
+
+    def stop(self) -> int | None:
+        return self.process.stop()
+
+    def restart(self) -> LiveServer:
+        self.process.restart()
+        return self
+
+    def __enter__(self) -> LiveServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- fault control ---------------------------------------------------------------
+    def _require_injector(self) -> Any:
+        if self.injector is None:
+            raise RuntimeError(
+                "this server is not managed by metaloom (--metaloom-url), so faults cannot be "
+                "injected into it; start it through the fixtures to inject faults"
+            )
+        return self.injector
+
+    def arm(self, spec: str) -> dict:
+        """Arm (replacing whatever was armed) a fault spec in the running server."""
+        return self._require_injector().arm(spec)
+
+    def disarm(self) -> dict:
+        return self._require_injector().disarm()
+
+    def metal_limits(self, *, wired: str | int | None = None, memory: str | int | None = None):
+        """Lower the memory and wired limits inside the running server."""
+        return self._require_injector().set_limits(wired=wired, memory=memory)
+
+    def events(self, since: int = 0) -> list[dict]:
+        return self._require_injector().events(since)
