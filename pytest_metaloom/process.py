@@ -263,6 +263,8 @@ class ServerProcess:
         proc = self._proc
         if proc is not None:
             if proc.poll() is None:
+                reaper.kill_tree(proc.pid, term_timeout=self.stop_timeout, popen=proc)
+            else:  # the leader is gone; its group or children may not be
                 reaper.kill_tree(proc.pid, term_timeout=self.stop_timeout)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=self.stop_timeout)

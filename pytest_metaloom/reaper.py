@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import psutil
 
@@ -24,29 +25,49 @@ _lock = threading.Lock()
 _reaper: subprocess.Popen[bytes] | None = None
 
 
-def kill_tree(pid: int, *, term_timeout: float = 5.0, kill_timeout: float = 5.0) -> list[int]:
+def kill_tree(
+    pid: int,
+    *,
+    term_timeout: float = 5.0,
+    kill_timeout: float = 5.0,
+    popen: subprocess.Popen[bytes] | None = None,
+) -> list[int]:
     """SIGTERM a process, its process group and all descendants; SIGKILL survivors.
 
+    Pass the ``Popen`` of a direct child so that its exit status is collected by
+    ``Popen`` itself (psutil would reap it and the return code would be lost).
     Returns the pids that were still alive after SIGKILL (normally none).
     """
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        descendants = root.children(recursive=True)
     except psutil.NoSuchProcess:
-        procs = []
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGTERM)
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=term_timeout)
-    if alive:
+        root, descendants = None, []
+    watched = descendants if popen is not None else [p for p in [root, *descendants] if p]
+
+    def signal_all(sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-        for proc in alive:
+            os.killpg(pid, sig)
+        targets = [*watched, *([root] if popen is not None and root else [])]
+        for proc in targets:
             with contextlib.suppress(psutil.Error):
-                proc.kill()
-        _, alive = psutil.wait_procs(alive, timeout=kill_timeout)
+                proc.send_signal(sig)
+
+    def wait_all(timeout: float) -> list[psutil.Process]:
+        deadline = time.monotonic() + timeout
+        if popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(timeout=timeout)
+        _, alive = psutil.wait_procs(watched, timeout=max(0.0, deadline - time.monotonic()))
+        if popen is not None and popen.poll() is None and root is not None:
+            alive.append(root)
+        return alive
+
+    signal_all(signal.SIGTERM)
+    alive = wait_all(term_timeout)
+    if alive:
+        signal_all(signal.SIGKILL)
+        alive = wait_all(kill_timeout)
     return [proc.pid for proc in alive]
 
 

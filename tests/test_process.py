@@ -1,0 +1,143 @@
+"""ServerProcess against the real mlx_lm.server and against stand-ins for bad behaviour."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import psutil
+import pytest
+from support import alive, fake_server_cmd
+
+from pytest_metaloom import ports
+from pytest_metaloom.process import (
+    ExternalServer,
+    ServerCommandNotFound,
+    ServerError,
+    ServerNotReachable,
+    ServerProcess,
+    ServerStartError,
+    http_request,
+)
+
+
+def test_real_server_starts_ready_and_stops(model_dir, tmp_path):
+    server = ServerProcess(model=model_dir, log_dir=tmp_path)
+    with server:
+        assert server.is_alive()
+        status, body = http_request(server.url + "/health")
+        assert status == 200 and b"ok" in body
+        status, _ = http_request(
+            server.url + "/v1/chat/completions",
+            "POST",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+            timeout=30,
+        )
+        assert status == 200
+        pid, port = server.pid, server.port
+        assert "Starting httpd" in server.log_text()
+        server.restart()
+        assert server.port == port and server.pid != pid
+        assert alive([pid]) == []
+    assert not server.is_alive()
+    assert server.returncode == -15 and server.signal == "SIGTERM"
+
+
+def test_child_exit_during_start_fails_fast_with_code_and_log(tmp_path):
+    server = ServerProcess(command=fake_server_cmd("--exit-at-start", "3"), log_dir=tmp_path)
+    started = time.monotonic()
+    with pytest.raises(ServerStartError) as info:
+        server.start()
+    assert time.monotonic() - started < 10
+    assert info.value.returncode == 3
+    assert "exit code 3" in str(info.value)
+    assert "failing at start on purpose" in str(info.value)
+
+
+def test_child_killed_by_signal_during_start_names_the_signal(tmp_path):
+    server = ServerProcess(command=fake_server_cmd("--abort-at-start"), log_dir=tmp_path)
+    with pytest.raises(ServerStartError, match="SIGABRT") as info:
+        server.start()
+    assert info.value.returncode == -6
+
+
+def test_never_ready_is_bounded_and_leaves_nothing(tmp_path):
+    pid_file = tmp_path / "pids"
+    server = ServerProcess(
+        command=fake_server_cmd("--never-ready", "--pid-file", str(pid_file)),
+        log_dir=tmp_path,
+        ready_timeout=2,
+    )
+    started = time.monotonic()
+    with pytest.raises(ServerStartError, match="did not become ready within 2s"):
+        server.start()
+    assert time.monotonic() - started < 10
+    assert alive([int(p) for p in pid_file.read_text().split()]) == []
+
+
+def test_missing_command_is_a_clear_error(tmp_path):
+    with pytest.raises(ServerCommandNotFound, match="not found on PATH"):
+        ServerProcess(command=["no-such-server-binary"], log_dir=tmp_path).start()
+
+
+def test_missing_model_and_model_without_config(tmp_path):
+    with pytest.raises(ServerError, match="does not exist"):
+        ServerProcess(model=tmp_path / "nope", log_dir=tmp_path).start()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ServerError, match="no config.json"):
+        ServerProcess(model=tmp_path / "empty", log_dir=tmp_path).start()
+
+
+def test_port_taken_by_something_else(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        taken = sock.getsockname()[1]
+        server = ServerProcess(command=fake_server_cmd(), port=taken, log_dir=tmp_path)
+        with pytest.raises(ports.PortInUseError, match=f"port {taken}"):
+            server.start()
+
+
+def test_url_where_nothing_listens():
+    port = ports.claim_free_port()
+    try:
+        with pytest.raises(ServerNotReachable, match="nothing answers"):
+            ExternalServer(f"http://127.0.0.1:{port}", timeout=2).start()
+    finally:
+        ports.release_port(port)
+
+
+def test_server_that_ignores_sigterm_is_killed(tmp_path):
+    server = ServerProcess(
+        command=fake_server_cmd("--ignore-sigterm"), log_dir=tmp_path, stop_timeout=1
+    )
+    server.start()
+    pid = server.pid
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < 5
+    assert server.signal == "SIGKILL"
+    assert alive([pid]) == []
+
+
+def test_children_in_other_sessions_are_stopped_too(tmp_path):
+    pid_file = tmp_path / "pids"
+    server = ServerProcess(
+        command=fake_server_cmd("--spawn-child", "--pid-file", str(pid_file)),
+        log_dir=tmp_path,
+        stop_timeout=1,
+    )
+    server.start()
+    pids = [int(p) for p in pid_file.read_text().split()]
+    assert len(pids) == 2 and psutil.Process(pids[1]).ppid() == pids[0]
+    server.stop()
+    assert alive(pids) == []
+
+
+def test_ports_are_claimed_exclusively():
+    first = ports.claim_free_port()
+    try:
+        with pytest.raises(ports.PortInUseError):
+            ports.claim_port(first)
+    finally:
+        ports.release_port(first)
