@@ -135,7 +135,15 @@ class ModelSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("layers", "hidden_size", "heads", "kv_heads", "intermediate_size"):
+        for name in (
+            "layers",
+            "hidden_size",
+            "heads",
+            "kv_heads",
+            "intermediate_size",
+            "vocab_size",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ModelError(f"ModelSpec.{name} must be a positive integer, got {value!r}")
