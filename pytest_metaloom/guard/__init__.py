@@ -1,0 +1,12 @@
+"""metaloom-guard: a supervising front that survives worker aborts (SIGABRT) one process up.
+
+On mlx < 0.32 a Metal command-buffer OOM aborts ``mlx_lm.server`` from a thread Python never
+sees; no in-process handler can answer the request. The guard owns the port, answers 503 for the
+dead worker and restarts it (which resets the prompt cache by construction).
+"""
+
+from .app import Guard, guard_command
+from .causes import Cause, classify_exit
+from .config import GuardConfig, GuardConfigError
+
+__all__ = ["Cause", "Guard", "GuardConfig", "GuardConfigError", "classify_exit", "guard_command"]

@@ -1,0 +1,7 @@
+"""``python -m pytest_metaloom.guard`` runs the guard CLI (used by ``guard_command``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,480 @@
+"""metaloom-guard against real processes: stand-in workers first, then the real mlx_lm.server.
+
+The stand-in worker is a small HTTP server script (named STAND-IN everywhere) because it can do on
+demand what the real server only does under Metal pressure: abort with the Metal OOM text before
+answering or mid-stream, segfault, hang, or fail at start-up. The guard sees a real child process,
+real sockets and real signals either way.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from pytest_metaloom.guard import Guard, GuardConfigError, guard_command
+from pytest_metaloom.guard.causes import classify_exit
+from pytest_metaloom.guard.cli import main as guard_main
+from pytest_metaloom.guard.worker import worker_argv
+
+pytestmark = pytest.mark.timeout(120)
+
+CMDBUF_ABORT = (
+    "libc++abi: terminating due to uncaught exception of type std::runtime_error: "
+    "[METAL] Command buffer execution failed: Insufficient Memory "
+    "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)"
+)
+
+# STAND-IN worker: behaviour per request from the JSON field "behave", at start-up from env vars.
+STANDIN_SRC = textwrap.dedent(
+    """
+    import json, os, signal, subprocess, sys, time
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    ABORT_TEXT = @ABORT_TEXT@
+
+    def die_abort():
+        sys.stderr.write(ABORT_TEXT + "\\n")
+        sys.stderr.flush()
+        os.abort()
+
+    start = os.environ.get("STANDIN_START", "")
+    once = os.environ.get("STANDIN_ABORT_ONCE_FILE")
+    if start == "abort" or (once and not os.path.exists(once)):
+        if once:
+            open(once, "w").close()
+        die_abort()
+    if start == "exit":
+        sys.stderr.write("stand-in: cannot load model\\n")
+        sys.exit(3)
+    time.sleep(float(os.environ.get("STANDIN_DELAY", "0")))
+    if os.environ.get("STANDIN_CHILD"):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+        with open(os.environ["STANDIN_CHILD"], "w") as f:
+            f.write(str(child.pid))
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def log_message(self, *a):
+            pass
+
+        def _json(self, code, obj):
+            body = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            if self.path == "/health":
+                self._json(200, {"status": "ok"})
+            else:
+                self._json(200, {"path": self.path, "pid": os.getpid()})
+
+        def do_OPTIONS(self):
+            self.send_response(204)
+            self.send_header("Access-Control-Allow-Origin", "*")
+            self.end_headers()
+
+        def do_POST(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            req = json.loads(self.rfile.read(n) or b"{}")
+            behave = req.get("behave", "")
+            if behave == "abort_before":
+                die_abort()
+            if behave == "segv":
+                os.kill(os.getpid(), signal.SIGSEGV)
+            if behave == "hang":
+                time.sleep(300)
+            if not req.get("stream"):
+                self._json(200, {"pid": os.getpid(), "echo": req.get("prompt")})
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for i in range(int(req.get("events", 3))):
+                if behave == "abort_mid" and i == int(req.get("die_at", 2)):
+                    die_abort()
+                self.wfile.write(b"data: " + json.dumps({"i": i}).encode() + b"\\n\\n")
+                self.wfile.flush()
+                time.sleep(float(req.get("gap", 0.0)))
+            self.wfile.write(b"data: [DONE]\\n\\n")
+
+    HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+    """
+).replace("@ABORT_TEXT@", repr(CMDBUF_ABORT))
+
+
+@pytest.fixture
+def standin(tmp_path: Path) -> list[str]:
+    """argv of the STAND-IN worker (``{port}`` is filled by the guard)."""
+    script = tmp_path / "standin_worker.py"
+    script.write_text(STANDIN_SRC)
+    return [sys.executable, str(script), "{port}"]
+
+
+class Lines(list):
+    """Collects guard log lines (thread-safe append) for assertions."""
+
+    def text(self) -> str:
+        return "\n".join(self)
+
+
+@pytest.fixture
+def guards(tmp_path: Path) -> Iterator[Any]:
+    """Factory for in-process guards that are always stopped, also when a test fails."""
+    started: list[Guard] = []
+
+    def make(cmd: list[str], env: dict[str, str] | None = None, **opts: Any) -> Guard:
+        log = Lines()
+        opts.setdefault("log_dir", tmp_path / f"g{len(started)}")
+        g = Guard(cmd, port=0, env=env, log=log.append, **opts)
+        g.log_lines = log  # type: ignore[attr-defined]
+        started.append(g)
+        g.start()
+        return g
+
+    yield make
+    for g in started:
+        pid = g.supervisor.status()["worker_pid"]
+        g.stop()
+        if pid:
+            assert not _alive(pid), f"worker {pid} survived guard.stop()"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def call(
+    base: str, path: str, body: dict[str, Any] | None = None, method: str | None = None, t=30.0
+) -> tuple[int, dict[str, str], bytes]:
+    """One request; returns status, headers, full body (raises if the connection is cut)."""
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=t)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data else {}
+        conn.request(method or ("POST" if data else "GET"), path, body=data, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def stream_events(base: str, body: dict[str, Any], t: float = 30.0) -> tuple[int, list[tuple]]:
+    """POST a streaming request; returns the status and (arrival time, event text) per SSE event."""
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=t)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode())
+        resp = conn.getresponse()
+        events = []
+        while True:
+            line = resp.fp.readline()
+            if not line:
+                break
+            if line.startswith(b"data: "):
+                events.append((time.monotonic(), line[6:].strip().decode()))
+        return resp.status, events
+    finally:
+        conn.close()
+
+
+# ---- pure pieces --------------------------------------------------------------------------
+
+
+def test_worker_argv_substitutes_or_replaces_the_port() -> None:
+    assert worker_argv(["w", "--port={port}"], 4321) == ["w", "--port=4321"]
+    out = worker_argv(["mlx_lm.server", "--model", "m", "--port", "8080", "--host=0.0.0.0"], 9)
+    assert out == ["mlx_lm.server", "--model", "m", "--host", "127.0.0.1", "--port", "9"]
+
+
+def test_classify_exit_names_cmdbuf_oom_and_signals() -> None:
+    cause = classify_exit(-6, "INFO loading\n" + CMDBUF_ABORT + "\n")
+    assert (cause.kind, cause.signal, cause.exit_code) == ("cmdbuf_oom", "SIGABRT", -6)
+    assert "kIOGPUCommandBufferCallbackErrorOutOfMemory" in cause.line
+    assert cause.describe() == "worker aborted (SIGABRT, rc -6): cmdbuf_oom"
+    assert classify_exit(-11, "").kind == "segfault"
+    assert classify_exit(-9, "").kind == "killed"
+
+
+def test_bad_input_names_cause_and_fix() -> None:
+    with pytest.raises(GuardConfigError, match="unknown guard option"):
+        guard_command(["w"], 1, max_restart=3)
+    with pytest.raises(GuardConfigError, match="after '--'"):
+        Guard([], port=0)
+    with pytest.raises(GuardConfigError, match="--queue-timeout must be >= 0"):
+        Guard(["w"], port=0, queue_timeout=-1)
+    with pytest.raises(SystemExit):
+        guard_main(["--port", "0"])  # no worker command
+
+
+def test_guard_command_builds_argv() -> None:
+    argv = guard_command(["mlx_lm.server", "--model", "m"], 8080, max_restarts=2, warmup=False)
+    assert argv[:3] == [sys.executable, "-m", "pytest_metaloom.guard"]
+    assert argv[argv.index("--max-restarts") + 1] == "2"
+    assert "--no-warmup" in argv
+    assert argv[argv.index("--") + 1 :] == ["mlx_lm.server", "--model", "m"]
+
+
+# ---- stand-in worker ----------------------------------------------------------------------
+
+
+def test_proxies_methods_and_reports_health(guards, standin) -> None:
+    g = guards(standin)
+    assert g.wait_serving(20)
+    code, _, body = call(g.url, "/v1/completions", {"prompt": "hi"})
+    assert code == 200
+    assert json.loads(body)["echo"] == "hi"
+    worker = json.loads(body)["pid"]
+    code, _, body = call(g.url, "/v1/models?x=1")
+    assert code == 200 and json.loads(body)["path"] == "/v1/models?x=1"
+    code, headers, _ = call(g.url, "/v1/chat/completions", method="OPTIONS")
+    assert code == 204 and headers.get("Access-Control-Allow-Origin") == "*"
+    code, _, body = call(g.url, "/health")
+    assert code == 200 and json.loads(body)["status"] == "ok"
+    status = json.loads(call(g.url, "/metaloom/status")[2])
+    assert status["state"] == "serving" and status["worker_pid"] == worker
+    assert status["restarts"] == 0 and status["last_cause"] is None
+
+
+def test_stream_reaches_client_incrementally(guards, standin) -> None:
+    g = guards(standin)
+    assert g.wait_serving(20)
+    t0 = time.monotonic()
+    code, events = stream_events(g.url, {"stream": True, "events": 5, "gap": 0.3})
+    assert code == 200
+    assert [e for _, e in events][-1] == "[DONE]"
+    assert len(events) == 6
+    first, last = events[0][0] - t0, events[-1][0] - t0
+    # The worker needs >= 1.5 s for 5 events; the first must arrive long before that.
+    assert first < 0.5 and last > 1.2, (first, last)
+
+
+def test_abort_in_flight_gets_503_with_cause_then_restart(guards, standin) -> None:
+    g = guards(standin, backoff=0.05)
+    assert g.wait_serving(20)
+    first_pid = g.status()["worker_pid"]
+    code, headers, body = call(g.url, "/v1/chat/completions", {"behave": "abort_before"})
+    assert code == 503
+    err = json.loads(body)["error"]
+    assert err["type"] == "worker_died" and err["code"] == "cmdbuf_oom"
+    assert err["exit_code"] == -6 and err["signal"] == "SIGABRT"
+    assert "worker aborted (SIGABRT, rc -6): cmdbuf_oom" in err["message"]
+    assert headers.get("Retry-After")
+    assert g.wait_serving(20)
+    code, _, body = call(g.url, "/v1/completions", {"prompt": "again"})
+    assert code == 200 and json.loads(body)["pid"] != first_pid
+    status = g.status()
+    assert status["restarts"] == 1
+    assert status["last_cause"]["kind"] == "cmdbuf_oom"
+    assert status["last_cause"]["exit_code"] == -6
+    assert "kIOGPUCommandBufferCallbackErrorOutOfMemory" in status["last_cause"]["line"]
+    assert "exited rc=-6 cause=cmdbuf_oom" in g.log_lines.text()
+    assert "restarting in 0.00s (1/5 in 60s)" in g.log_lines.text()
+
+
+def test_abort_mid_stream_ends_with_error_event_and_done(guards, standin) -> None:
+    g = guards(standin, backoff=0.05)
+    assert g.wait_serving(20)
+    body = {"stream": True, "events": 5, "behave": "abort_mid", "die_at": 2, "gap": 0.05}
+    code, events = stream_events(g.url, body)
+    assert code == 200
+    texts = [e for _, e in events]
+    assert [json.loads(t)["i"] for t in texts[:2]] == [0, 1]
+    err = json.loads(texts[2])["error"]
+    assert err["code"] == "cmdbuf_oom" and err["exit_code"] == -6
+    assert texts[3:] == ["[DONE]"]
+
+
+def test_segfault_is_named(guards, standin) -> None:
+    g = guards(standin, backoff=0.05)
+    assert g.wait_serving(20)
+    code, _, body = call(g.url, "/v1/completions", {"behave": "segv"})
+    assert code == 503
+    err = json.loads(body)["error"]
+    assert (err["code"], err["signal"], err["exit_code"]) == ("segfault", "SIGSEGV", -11)
+
+
+def test_dies_at_start_guard_stays_up_and_says_why(guards, standin) -> None:
+    g = guards(standin, env={"STANDIN_START": "abort"}, max_restarts=2, backoff=0.05)
+    deadline = time.monotonic() + 20
+    while g.status()["state"] != "failed" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status = g.status()
+    assert status["state"] == "failed"
+    assert status["restarts"] == 2
+    assert status["last_cause"]["kind"] == "cmdbuf_oom"
+    assert "restart cap reached" in status["failed_reason"]
+    code, _, body = call(g.url, "/health")
+    assert code == 503 and "restart cap reached" in json.loads(body)["reason"]
+    code, _, body = call(g.url, "/v1/completions", {"prompt": "x"})
+    assert code == 503
+    err = json.loads(body)["error"]
+    assert err["type"] == "worker_unavailable" and err["code"] == "cmdbuf_oom"
+
+
+def test_restart_cap_holds_under_repeated_deaths(guards, standin) -> None:
+    g = guards(standin, max_restarts=2, restart_window=60, backoff=0.05)
+    codes = []
+    for _ in range(4):
+        g.wait_serving(20)
+        codes.append(call(g.url, "/v1/completions", {"behave": "abort_before"})[0])
+    assert codes == [503, 503, 503, 503]
+    status = g.status()
+    assert status["state"] == "failed" and status["restarts"] == 2
+    assert status["worker_pid"] is None
+    assert "restart cap reached: 2 restarts in 60s" in g.log_lines.text()
+    # Still listening and truthful.
+    assert call(g.url, "/health")[0] == 503
+
+
+def test_hang_watchdog_kills_and_restarts(guards, standin) -> None:
+    g = guards(standin, hang_timeout=1.0, backoff=0.05)
+    assert g.wait_serving(20)
+    hung_pid = g.status()["worker_pid"]
+    t0 = time.monotonic()
+    code, _, body = call(g.url, "/v1/completions", {"behave": "hang"})
+    took = time.monotonic() - t0
+    assert code == 503 and json.loads(body)["error"]["code"] == "hang"
+    assert took < 4.0, took  # 1 s silence + at most 1 s health probe + kill
+    assert not _alive(hung_pid)
+    assert g.wait_serving(20)
+    assert call(g.url, "/v1/completions", {"prompt": "ok"})[0] == 200
+    assert g.status()["last_cause"]["kind"] == "hang"
+
+
+def _burst(url: str, n: int) -> list[tuple[int, Any]]:
+    results: list[tuple[int, Any]] = [(0, None)] * n
+
+    def one(i: int) -> None:
+        try:
+            code, _, body = call(url, "/v1/completions", {"prompt": f"p{i}"}, t=30)
+            results[i] = (code, json.loads(body))
+        except Exception as exc:  # a cut connection is exactly what we must not see
+            results[i] = (-1, repr(exc))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    return results
+
+
+def test_burst_during_restart_gets_complete_answers(guards, standin) -> None:
+    g = guards(standin, env={"STANDIN_DELAY": "1.0"}, backoff=0.05)
+    assert g.wait_serving(20)
+    assert call(g.url, "/v1/completions", {"behave": "abort_before"})[0] == 503
+    results = _burst(g.url, 20)
+    codes = [c for c, _ in results]
+    assert set(codes) <= {200, 503}, results
+    assert 503 in codes  # the restart takes >= 1 s, so the burst found no worker
+    for code, body in results:
+        if code == 503:
+            assert body["error"]["type"] in ("worker_unavailable", "worker_died")
+
+
+def test_queue_timeout_lets_burst_wait_for_restart(guards, standin) -> None:
+    g = guards(standin, env={"STANDIN_DELAY": "1.0"}, backoff=0.05, queue_timeout=15)
+    assert g.wait_serving(20)
+    assert call(g.url, "/v1/completions", {"behave": "abort_before"})[0] == 503
+    results = _burst(g.url, 20)
+    assert [c for c, _ in results] == [200] * 20, results
+
+
+# ---- the guard as its own process: signals --------------------------------------------------
+
+
+def _spawn_guard(standin: list[str], tmp_path: Path) -> tuple[subprocess.Popen, int, int, Path]:
+    from pytest_metaloom.guard.worker import free_port
+
+    port = free_port()
+    child_file = tmp_path / "grandchild.pid"
+    env = dict(os.environ, STANDIN_CHILD=str(child_file))
+    log = open(tmp_path / "guard.log", "wb")
+    proc = subprocess.Popen(
+        guard_command(standin, port, log_dir=tmp_path / "logs"),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if call(base, "/health", t=2)[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        proc.wait(5)
+        log_text = (tmp_path / "guard.log").read_text()
+        pytest.fail("guard subprocess never became healthy: " + log_text)
+    worker = json.loads(call(base, "/metaloom/status")[2])["worker_pid"]
+    return proc, port, worker, child_file
+
+
+def _gone_within(pids: list[int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not any(_alive(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _cleanup(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def test_sigterm_to_guard_ends_worker_tree(standin, tmp_path) -> None:
+    proc, _, worker, child_file = _spawn_guard(standin, tmp_path)
+    grandchild = int(child_file.read_text())
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert _gone_within([worker, grandchild], 5)
+        assert "received SIGTERM; stopping" in (tmp_path / "guard.log").read_text()
+    finally:
+        _cleanup([proc.pid, worker, grandchild])
+        proc.wait(5)
+
+
+def test_sigkill_to_guard_never_orphans_worker(standin, tmp_path) -> None:
+    proc, _, worker, child_file = _spawn_guard(standin, tmp_path)
+    grandchild = int(child_file.read_text())
+    try:
+        proc.kill()
+        proc.wait(5)
+        t0 = time.monotonic()
+        assert _gone_within([worker], 2.0), "worker outlived a SIGKILLed guard"
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        _cleanup([proc.pid, worker, grandchild])
