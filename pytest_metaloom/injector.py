@@ -1,0 +1,200 @@
+"""Harness side of the injector: server environment, control client, event reader.
+
+The server half lives in ``inject/runtime.py``; the two meet only through
+environment variables, a Unix control socket and a JSON-lines event log, so a
+test can inspect a server that has already died (the log survives an abort).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest_metaloom
+
+from .faults import FaultSpecError, parse_spec
+from .inject import BOOTSTRAP_DIR
+
+__all__ = ["REQUEST_HEADER", "Injector", "InjectorError", "bootstrap_env"]
+
+REQUEST_HEADER = "X-Metaloom-Request-Id"
+# sockaddr_un.sun_path is 108 bytes on Linux and 104 on macOS; keep a margin.
+_SOCKET_PATH_MAX = 100
+PACKAGE_ROOT = Path(pytest_metaloom.__file__).resolve().parent.parent
+
+
+class InjectorError(RuntimeError):
+    """The in-server injector refused a request or could not be reached."""
+
+
+def _socket_path(run_dir: Path) -> Path:
+    path = run_dir / "metaloom.sock"
+    if len(os.fsencode(str(path))) <= _SOCKET_PATH_MAX:
+        return path
+    short = Path(tempfile.mkdtemp(prefix="mlm-", dir="/tmp"))
+    return short / "ctl.sock"
+
+
+def bootstrap_env(
+    run_dir: Path,
+    *,
+    faults: str | None = None,
+    limits: str | None = None,
+    base_env: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Env vars to add to a server's environment so the injector loads inside it.
+
+    ``faults`` is validated here, so a typo fails before a server is started.
+    """
+    if faults is not None:
+        parse_spec(faults)
+    if limits is not None:
+        _check_limits(limits)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    base = os.environ if base_env is None else base_env
+    parts = [str(BOOTSTRAP_DIR), str(PACKAGE_ROOT)]
+    if base.get("PYTHONPATH"):
+        parts.append(base["PYTHONPATH"])
+    env = {
+        "PYTHONPATH": os.pathsep.join(parts),
+        "METALOOM_EVENTS": str(run_dir / "events.jsonl"),
+        "METALOOM_CONTROL": str(_socket_path(run_dir)),
+    }
+    if faults is not None:
+        env["METALOOM_FAULTS"] = faults
+    if limits is not None:
+        env["METALOOM_LIMITS"] = limits
+    return env
+
+
+def _check_limits(text: str) -> None:
+    from .faults import parse_size
+
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or key.strip() not in ("wired", "memory"):
+            raise FaultSpecError(
+                f"invalid limits: part {part!r} is not wired=SIZE or memory=SIZE",
+                text,
+                text.find(part),
+                len(part),
+            )
+        parse_size(value.strip(), {"active": 0, "peak": 0, "limit": 0})
+
+
+class Injector:
+    """Client for one server's injector (control socket + event log)."""
+
+    def __init__(self, control_path: str | Path, events_path: str | Path) -> None:
+        self.control_path = str(control_path)
+        self.events_path = Path(events_path)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Injector:
+        """Build a client from the dict :func:`bootstrap_env` returned."""
+        return cls(env["METALOOM_CONTROL"], env["METALOOM_EVENTS"])
+
+    # ------------------------------------------------------------------ control
+
+    def _call(self, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        data = (json.dumps(request) + "\n").encode()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout)
+                s.connect(self.control_path)
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+                reply = b""
+                while not reply.endswith(b"\n"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    reply += chunk
+        except (OSError, TimeoutError) as exc:
+            raise InjectorError(
+                f"cannot reach the injector at {self.control_path} ({exc}); is the server "
+                "running, and was it started with the env from bootstrap_env()?"
+            ) from exc
+        try:
+            answer = json.loads(reply.decode())
+        except json.JSONDecodeError as exc:
+            raise InjectorError(f"injector sent a broken reply {reply[:200]!r}") from exc
+        if not answer.get("ok"):
+            raise InjectorError(f"injector refused {request.get('op')!r}: {answer.get('error')}")
+        return answer
+
+    def arm(self, spec: str, timeout: float = 5.0) -> dict[str, Any]:
+        """Replace all armed points with ``spec`` (validated here first)."""
+        parse_spec(spec)
+        return self._call({"op": "arm", "spec": spec}, timeout)
+
+    def disarm(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Disarm everything, release hangs; the reply has per-point hits/fired."""
+        return self._call({"op": "disarm"}, timeout)
+
+    def set_limits(
+        self, wired: int | str | None = None, memory: int | str | None = None, timeout: float = 5.0
+    ) -> dict[str, Any]:
+        """Apply real MLX wired/memory limits (SIZE strings are resolved in the server)."""
+        return self._call({"op": "limits", "wired": wired, "memory": memory}, timeout)
+
+    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        return self._call({"op": "status"}, timeout)
+
+    def snapshot(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Memory counters and prompt-cache state, read inside the server."""
+        return self._call({"op": "snapshot"}, timeout)
+
+    def ping(self, timeout: float = 2.0) -> bool:
+        try:
+            return bool(self._call({"op": "ping"}, timeout).get("ok"))
+        except InjectorError:
+            return False
+
+    # ------------------------------------------------------------------ events
+
+    def events(self, since: int = 0) -> list[dict[str, Any]]:
+        """Events from index ``since`` on; a partial last line (a writer mid-line) is skipped."""
+        try:
+            raw = self.events_path.read_bytes()
+        except FileNotFoundError:
+            return []
+        out: list[dict[str, Any]] = []
+        for line in raw.split(b"\n"):
+            if not line.strip():
+                continue
+            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+                out.append(json.loads(line))
+        return out[since:]
+
+    def fired(self) -> list[dict[str, Any]]:
+        return [e for e in self.events() if e.get("event") == "fired"]
+
+    def wait_for(
+        self,
+        event: str,
+        predicate: Callable[[dict[str, Any]], bool] | None = None,
+        timeout: float = 10.0,
+        since: int = 0,
+    ) -> dict[str, Any]:
+        """First event named ``event`` (matching ``predicate``); bounded polling."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for e in self.events(since):
+                if e.get("event") == event and (predicate is None or predicate(e)):
+                    return e
+            if time.monotonic() >= deadline:
+                tail = "\n".join(json.dumps(e) for e in self.events()[-8:])
+                raise TimeoutError(
+                    f"no {event!r} event within {timeout:g}s in {self.events_path}; "
+                    f"last events:\n{tail or '(none)'}"
+                )
+            time.sleep(0.05)

@@ -1,0 +1,310 @@
+"""The injector against a real ``mlx_lm.server`` subprocess (tiny offline model, CPU backend).
+
+One server is shared by the module; a test that aborts or wedges it restarts it.
+Only Metal itself is simulated (by the runtime); HTTP, threads, signals are real.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_metaloom.faults import FAULT_KINDS, FaultSpecError, abort_line, message
+from pytest_metaloom.injector import REQUEST_HEADER, Injector, InjectorError, bootstrap_env
+from pytest_metaloom.process import ServerProcess
+
+pytestmark = pytest.mark.timeout(120)
+
+SEQ = {"seed": 1}  # a request with a seed is served by the sequential path
+
+
+class Live:
+    """A shared server plus its injector client; restarts it when a test broke it."""
+
+    def __init__(self, model: Path, run_dir: Path) -> None:
+        self.env = bootstrap_env(run_dir)
+        self.inj = Injector.from_env(self.env)
+        self.srv = ServerProcess(
+            model=model, env=self.env, log_dir=run_dir, name="live", ready_timeout=90
+        )
+
+    def post(
+        self, content: str = "hello there", rid: str | None = None, timeout: float = 20.0, **extra
+    ) -> tuple[int | None, Any]:
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": 8, **extra}
+        headers = {"Content-Type": "application/json"}
+        if rid:
+            headers[REQUEST_HEADER] = rid
+        conn = http.client.HTTPConnection("127.0.0.1", self.srv.port, timeout=timeout)
+        try:
+            conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            return None, exc
+        finally:
+            conn.close()
+
+    def health(self) -> int | None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.srv.port, timeout=5)
+        try:
+            conn.request("GET", "/health")
+            return conn.getresponse().status
+        except (OSError, http.client.HTTPException):
+            return None
+        finally:
+            conn.close()
+
+    def ensure_healthy(self) -> None:
+        if not self.srv.is_alive() or self.health() != 200:
+            self.srv.restart()
+        self.inj.disarm()
+
+    def log(self) -> str:
+        return self.srv.log_text()
+
+    def mark(self) -> int:
+        return len(self.inj.events())
+
+
+@pytest.fixture(scope="module")
+def live(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    server = Live(model_dir, tmp_path_factory.mktemp("live"))
+    try:
+        server.srv.start()
+        yield server
+    finally:
+        server.srv.stop()
+
+
+@pytest.fixture()
+def srv(live: Live) -> Live:
+    live.ensure_healthy()
+    return live
+
+
+def _by_event(inj: Injector, since: int, name: str) -> list[dict]:
+    return [e for e in inj.events(since) if e["event"] == name]
+
+
+SYNC_OR_DEFERRED = [k for k in FAULT_KINDS if k != "hang"]
+
+
+@pytest.mark.parametrize("kind", SYNC_OR_DEFERRED)
+def test_exact_text_reaches_server_log_sequential(srv: Live, kind: str) -> None:
+    """Every kind surfaces as the RuntimeError text real MLX raises; the thread survives."""
+    since = srv.mark()
+    srv.inj.arm(f"1*{kind}@path=sequential,site=decode")
+    status, body = srv.post(rid=f"fid-{kind}", **SEQ)
+    assert status is None or b"choices" not in body  # the in-flight request is lost
+    fired = srv.inj.wait_for("fired", since=since)
+    sem = "deferred" if FAULT_KINDS[kind].family == "command_buffer" else "sync"
+    text = message(kind, sem)
+    assert fired["kind"] == kind and fired["semantics"] == sem
+    assert fired["message"] == text
+    assert fired["path"] == "sequential" and fired["site"] == "decode"
+    deadline = time.monotonic() + 10
+    while f"RuntimeError: {text}\n" not in srv.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"RuntimeError: {text}\n" in srv.log()
+    assert srv.health() == 200
+    assert srv.post(**SEQ)[0] == 200
+
+
+def test_sequential_sync_error_drops_request_but_thread_survives(srv: Live) -> None:
+    since = srv.mark()
+    srv.inj.arm("1*resource_limit@path=sequential")
+    status, body = srv.post(rid="seq-1", **SEQ)
+    assert status != 200 or not body.startswith(b'{"id"'), (status, body)
+    fired = srv.inj.wait_for("fired", since=since)
+    assert fired["request_ids"] == ["seq-1"]
+    assert srv.health() == 200
+    ok_status, ok_body = srv.post(rid="seq-2", **SEQ)
+    assert ok_status == 200 and b"choices" in ok_body
+
+
+def test_batched_resource_limit_kills_stock_generation_thread(srv: Live) -> None:
+    since = srv.mark()
+    srv.inj.arm("1*resource_limit@site=decode,path=batched")
+    status, _ = srv.post(rid="batch-1")
+    assert status is None  # no status line: the connection just closes
+    fired = srv.inj.wait_for("fired", since=since)
+    assert (fired["site"], fired["path"]) == ("decode", "batched")
+    assert "[metal::malloc] Resource limit (499000) exceeded." in srv.log()
+    assert "generation thread died" in srv.log()
+    status, body = srv.post(rid="batch-2")
+    assert status == 404 and json.loads(body) == {"error": "generation thread died"}
+    assert srv.health() == 503
+    assert srv.srv.is_alive()  # wedged, not dead
+
+
+def test_deferred_error_raises_at_next_sync_point_in_a_later_request(srv: Live) -> None:
+    """Fired after request 1 finished (cache insert); raised at request 2's first eval."""
+    since = srv.mark()
+    srv.inj.arm("1*off->1*cmdbuf_oom(deferred)@site=cache,path=sequential")
+    first = srv.post(rid="def-1", **SEQ)
+    assert first[0] == 200
+    fired = srv.inj.wait_for("fired", since=since)
+    assert fired["request_ids"] == ["def-1"] and fired["semantics"] == "deferred"
+    assert not _by_event(srv.inj, since, "raised")  # stored, not raised yet
+    second = srv.post(rid="def-2", **SEQ)
+    assert second[0] != 200 or b"choices" not in second[1]
+    raised = srv.inj.wait_for("raised", since=since)
+    assert raised["t"] >= fired["t"]
+    assert raised["request_ids"] == ["def-2"]
+    assert raised["message"].endswith("kIOGPUCommandBufferCallbackErrorOutOfMemory).")
+    assert raised["message"] in srv.log()
+    assert srv.health() == 200 and srv.post(**SEQ)[0] == 200  # cleared once raised
+
+
+@pytest.mark.parametrize("kind", ["cmdbuf_oom", "gpu_timeout"])
+def test_abort_kills_with_sigabrt_and_libcxxabi_line(srv: Live, kind: str) -> None:
+    since = srv.mark()
+    srv.inj.arm(f"1*{kind}(abort)@site=decode")
+    status, _ = srv.post(rid="abort-1")
+    assert status is None
+    deadline = time.monotonic() + 15
+    while srv.srv.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.srv.returncode == -6
+    assert abort_line(message(kind, "abort")) + "\n" in srv.log()
+    fired = srv.inj.wait_for("fired", since=since, timeout=1)
+    assert fired["semantics"] == "abort" and fired["thread"] != "com.Metal.CompletionQueueDispatch"
+
+
+def test_lowered_wired_limit_fires_only_after_real_growth(srv: Live) -> None:
+    since = srv.mark()
+    for i in range(2):  # warm: the small working set is already in the baseline
+        assert srv.post(f"warm {i}", **SEQ)[0] == 200
+    reply = srv.inj.arm("1*cmdbuf_oom(deferred)@wired=active+1MiB,path=sequential")
+    limit = reply["sizes"]["0"]["wired"]
+    for i in range(3):
+        assert srv.post(f"small {i}", rid=f"small-{i}", **SEQ)[0] == 200
+    assert not _by_event(srv.inj, since, "fired")
+    big = " ".join(f"w{i}" for i in range(3000))  # a long prompt grows the KV cache
+    srv.post(big, rid="big", max_tokens=4, **SEQ)
+    fired = srv.inj.wait_for("fired", since=since)
+    mem = fired["memory"]
+    assert mem["active"] + mem["cache"] > limit == fired["wired_limit"]
+    assert fired["request_ids"] == ["big"]
+    limits = [e for e in _by_event(srv.inj, since, "limits") if "wired" in e]
+    assert limits and limits[-1]["wired"]["value"] == limit
+
+
+def test_hang_blocks_until_disarm(srv: Live) -> None:
+    since = srv.mark()
+    srv.inj.arm("1*hang@site=decode,path=batched")
+    result: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: result.update(r=srv.post(rid="hang-1", timeout=30)))
+    t.start()
+    srv.inj.wait_for("fired", since=since)
+    t.join(2.0)
+    assert t.is_alive(), "the request finished while the evaluation should hang"
+    assert srv.inj.status()["hanging"] == 1
+    srv.inj.disarm()
+    t.join(20.0)
+    assert not t.is_alive()
+    assert result["r"][0] == 200
+
+
+def test_chain_fires_on_third_hit(srv: Live) -> None:
+    since = srv.mark()
+    srv.inj.arm("2*off->1*runtime_error->off@site=decode,path=sequential")
+    srv.post(rid="chain", max_tokens=16, **SEQ)
+    fired = srv.inj.wait_for("fired", since=since)
+    assert fired["kind"] == "runtime_error"
+    summary = srv.inj.disarm()["points"][0]
+    assert summary["hits"] == 3 and summary["fired"] == 1
+
+
+def test_request_filter_fires_only_for_tagged_request(srv: Live) -> None:
+    since = srv.mark()
+    srv.inj.arm("1*runtime_error@request=target,path=sequential")
+    assert srv.post(rid="bystander", **SEQ)[0] == 200
+    assert not _by_event(srv.inj, since, "fired")
+    srv.post(rid="target", **SEQ)
+    assert srv.inj.wait_for("fired", since=since)["request_ids"] == ["target"]
+
+
+def test_strict_arm_over_socket_and_locally(srv: Live) -> None:
+    with pytest.raises(InjectorError, match="did you mean 'cmdbuf_oom'"):
+        srv.inj._call({"op": "arm", "spec": "1*cmdbuf_om(abort)"})
+    with pytest.raises(FaultSpecError, match="did you mean 'cmdbuf_oom'"):
+        srv.inj.arm("1*cmdbuf_om(abort)")
+    assert srv.inj.status()["spec"] is None
+
+
+def test_not_fired_is_reported(srv: Live) -> None:
+    srv.inj.arm("1*cmdbuf_oom@request=never-sent")
+    assert srv.post(rid="other")[0] == 200
+    reply = srv.inj.disarm()
+    assert reply["fired"] == 0 and reply["points"][0]["fired"] == 0
+
+
+def test_request_events_carry_cache_and_memory(srv: Live) -> None:
+    since = srv.mark()
+    assert srv.post("remember this prompt", rid="ev-1")[0] == 200
+    end = srv.inj.wait_for("request_end", lambda e: e["request_id"] == "ev-1", since=since)
+    start = srv.inj.wait_for("request_start", lambda e: e["request_id"] == "ev-1", since=since)
+    assert end["cache"]["sequences"] >= 1 and end["cache"]["bytes"] > 0
+    assert start["memory"]["active"] > 0
+    snap = srv.inj.snapshot()
+    assert snap["cache"]["sequences"] >= 1 and snap["memory"]["active"] > 0
+
+
+# ---------------------------------------------------------------------- bootstrap
+
+
+def _run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_bootstrap_chains_and_is_inert_when_unconfigured(tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    marker = tmp_path / "marker"
+    (other / "sitecustomize.py").write_text(
+        f"open({str(marker)!r}, 'w').write('chained')\n", encoding="utf-8"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith("METALOOM_")}
+    base["PYTHONPATH"] = str(other)
+    env = {**base, **bootstrap_env(tmp_path / "run", base_env=base)}
+    for key in ("METALOOM_EVENTS", "METALOOM_CONTROL"):
+        env.pop(key)
+    code = "import sys; print('mlx' in sys.modules, 'pytest_metaloom' in sys.modules)"
+    out = _run_python(code, env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+    assert marker.read_text() == "chained"
+    assert not (tmp_path / "run" / "events.jsonl").exists()
+
+
+def test_bootstrap_installs_when_configured_and_rejects_bad_env(tmp_path: Path) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("METALOOM_")}
+    env = {**base, **bootstrap_env(tmp_path / "run", base_env=base)}
+    env.pop("METALOOM_CONTROL")
+    code = (
+        "import mlx.core as mx, sys\n"
+        "from pytest_metaloom.inject import runtime\n"
+        "print(runtime.RUNTIME is not None, mx.eval.__module__)\n"
+    )
+    out = _run_python(code, env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "pytest_metaloom.inject.runtime"]
+    events = Injector(tmp_path / "none.sock", env["METALOOM_EVENTS"]).events()
+    assert events[0]["event"] == "started" and events[0]["semantics_default"] == "deferred"
+    bad = {**env, "METALOOM_FAULTS": "cmdbuf_om"}
+    out = _run_python("pass", bad)
+    assert out.returncode == 2 and "did you mean 'cmdbuf_oom'" in out.stderr
