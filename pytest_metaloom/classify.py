@@ -537,16 +537,17 @@ def _kind_from_exit(ev: _Event) -> str:
 # --- advice --------------------------------------------------------------------------------
 
 _WIRED = "raise `iogpu.wired_limit_mb` (sudo sysctl iogpu.wired_limit_mb=N)"
+_WIRED_CAP = "R" + _WIRED[1:]
 _ADVICE = {
     ("cmdbuf_oom", "abort"): (
         "The GPU ran out of wired memory and MLX < 0.32 aborts from a Metal thread; no Python "
-        f"handler can catch it. {_WIRED.capitalize()}, size the prompt cache with `metaloom "
+        f"handler can catch it. {_WIRED_CAP}, size the prompt cache with `metaloom "
         "budget`, and run the server behind `metaloom-guard` so an abort costs a retry, not the "
         "request."
     ),
     ("cmdbuf_oom", None): (
         "The GPU ran out of wired memory (command-buffer OOM): model + prompt cache + active KV "
-        f"crossed the wired ceiling. {_WIRED.capitalize()} or shrink the cache; check the numbers "
+        f"crossed the wired ceiling. {_WIRED_CAP} or shrink the cache; check the numbers "
         "with `metaloom budget`."
     ),
     ("cmdbuf_oom", "deferred"): (
