@@ -409,7 +409,7 @@ class FaultSpec:
 
 _TERM = re.compile(
     r"^(?:(?P<pct>\d+(?:\.\d+)?)%)?(?:(?P<cnt>\d+)\*)?(?P<act>[A-Za-z_][A-Za-z0-9_]*)"
-    r"(?:\((?P<args>[^()]*)\))?$"
+    r"(?:\s*\((?P<args>[^()]*)\))?$"
 )
 _TERM_HELP = "expected [P%][N*]kind[(args)], e.g. 2*cmdbuf_oom(abort)"
 
