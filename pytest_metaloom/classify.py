@@ -495,7 +495,9 @@ class _Collector:
             exit_code=exit_code,
             signal=sig,
             is_oom=kind in OOM_KINDS or decisive.oom_killer,
-            advice=_advice(kind, semantics),
+            advice=_WEDGE_ADVICE + _advice(kind, semantics)
+            if outcome == "wedged"
+            else _advice(kind, semantics),
         )
 
 
@@ -536,6 +538,10 @@ def _kind_from_exit(ev: _Event) -> str:
 
 # --- advice --------------------------------------------------------------------------------
 
+_WEDGE_ADVICE = (
+    "The generation thread died: the process is alive but wedged (404 to every request, /health "
+    "503) until restarted. "
+)
 _WIRED = "raise `iogpu.wired_limit_mb` (sudo sysctl iogpu.wired_limit_mb=N)"
 _WIRED_CAP = "R" + _WIRED[1:]
 _ADVICE = {

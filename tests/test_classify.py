@@ -86,6 +86,7 @@ def test_binary_file_is_unreadable() -> None:
 
 def test_resource_limit_advice_names_a_leak() -> None:
     assert "leak" in classify_file(LOGS / "resource_limit_traceback.log").advice
+    assert "wedged" in classify_file(LOGS / "wedge_generation_thread_died.log").advice
 
 
 @pytest.mark.parametrize(
