@@ -478,3 +478,87 @@ def test_sigkill_to_guard_never_orphans_worker(standin, tmp_path) -> None:
         assert time.monotonic() - t0 < 2.0
     finally:
         _cleanup([proc.pid, worker, grandchild])
+
+
+# ---- the real mlx_lm.server behind the guard ----------------------------------------------
+
+# `python -m mlx_lm server` imports mlx_lm.server as a module, so the injector can hook it.
+MLX_SERVER = [sys.executable, "-m", "mlx_lm", "server"]
+
+
+def chat(
+    base: str, content: str, rid: str | None = None, stream: bool = False
+) -> tuple[int, dict[str, Any] | bytes]:
+    """A deterministic chat completion through the guard; returns status and parsed JSON."""
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = {
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 4,
+        "temperature": 0.0,
+        "stream": stream,
+    }
+    headers = {"Content-Type": "application/json"}
+    if rid:
+        headers["X-Metaloom-Request-Id"] = rid
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, (json.loads(raw) if not stream else raw)
+    finally:
+        conn.close()
+
+
+def cached_tokens(reply: dict[str, Any]) -> int:
+    return int(reply["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+
+def test_real_server_stream_and_plain_through_guard(guards, model_dir) -> None:
+    g = guards([*MLX_SERVER, "--model", str(model_dir)], ready_timeout=90)
+    assert g.wait_serving(90)
+    code, reply = chat(g.url, "tell me a story")
+    assert code == 200 and reply["usage"]["completion_tokens"] >= 1
+    code, raw = chat(g.url, "tell me a story", stream=True)
+    assert code == 200
+    events = [ln[6:] for ln in raw.split(b"\n") if ln.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]" and len(events) >= 2
+    assert "choices" in json.loads(events[0])
+
+
+@pytest.mark.parametrize("warmup", [False, True], ids=["no-warmup", "warmup"])
+def test_real_server_seed_scenario_abort_then_cold_cache(
+    guards, model_dir, tmp_path, warmup: bool
+) -> None:
+    """The seed issue: a command-buffer OOM aborts the server (mlx < 0.32 semantics) mid-request.
+
+    Behind the guard, that request gets a 503 naming cmdbuf_oom and rc -6, the guard restarts the
+    server, and the next request succeeds on a cold prompt cache. With the warm-up on, the fresh
+    cache holds the warm-up's own one-token-completion entry, which shares only the BOS token
+    with any later prompt, so exactly 1 token reads as cached.
+    """
+    from pytest_metaloom.injector import bootstrap_env
+
+    env = bootstrap_env(tmp_path / "inj", faults="1*cmdbuf_oom(abort)@request=boom")
+    cmd = [*MLX_SERVER, "--model", str(model_dir)]
+    g = guards(cmd, env=env, ready_timeout=90, backoff=0.05, warmup=warmup)
+    assert g.wait_serving(90)
+    prompt = "the quick brown fox jumps over the lazy dog " * 4
+    assert chat(g.url, prompt)[0] == 200
+    code, warm = chat(g.url, prompt)
+    assert code == 200 and cached_tokens(warm) > 0  # the cache was warm before the abort
+    first_pid = g.status()["worker_pid"]
+
+    code, reply = chat(g.url, "this request trips the OOM", rid="boom")
+    assert code == 503, reply
+    err = reply["error"]
+    assert (err["type"], err["code"], err["exit_code"]) == ("worker_died", "cmdbuf_oom", -6)
+
+    assert g.wait_serving(90)
+    code, cold = chat(g.url, prompt)
+    assert code == 200
+    assert cached_tokens(cold) == (1 if warmup else 0)
+    status = g.status()
+    assert status["restarts"] == 1 and status["worker_pid"] != first_pid
+    assert status["last_cause"]["kind"] == "cmdbuf_oom"
+    assert "kIOGPUCommandBufferCallbackErrorOutOfMemory" in status["last_cause"]["line"]
