@@ -1,0 +1,88 @@
+"""Throughput cost of the injector: none vs loaded-not-armed vs armed-never-fires.
+
+Runs three real ``mlx_lm.server`` processes one after another (same tiny model,
+same prompts), sends concurrent batched non-stream requests and reports the
+median tokens/s over a few repetitions, plus ratios against the baseline.
+
+    .venv/bin/python bench/bench_injector.py [--reps 5] [--requests 8] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pytest_metaloom.injector import Injector, bootstrap_env
+from pytest_metaloom.model import ModelSpec, build_tiny_model
+from pytest_metaloom.process import ServerProcess
+
+NEVER_FIRES = "1*cmdbuf_oom@wired=1TiB"
+
+
+def _one(port: int, prompt: str, max_tokens: int) -> int:
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+    }
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {})
+        resp = conn.getresponse()
+        data = json.loads(resp.read())
+        if resp.status != 200:
+            raise RuntimeError(f"benchmark request failed with {resp.status}: {data}")
+        return int(data["usage"]["completion_tokens"])
+    finally:
+        conn.close()
+
+
+def _round(port: int, prompts: list[str], max_tokens: int) -> float:
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        tokens = sum(pool.map(lambda p: _one(port, p, max_tokens), prompts))
+    return tokens / (time.perf_counter() - start)
+
+
+def _measure(mode: str, model: Path, args: argparse.Namespace, work: Path) -> float:
+    env = {} if mode == "none" else bootstrap_env(work / mode)
+    srv = ServerProcess(model=model, env=env, log_dir=work / mode, name=mode, ready_timeout=90)
+    prompts = [f"prompt number {i} about apples and pears" for i in range(args.requests)]
+    try:
+        srv.start()
+        if mode == "armed":
+            Injector.from_env(env).arm(NEVER_FIRES)
+        _round(srv.port, prompts, args.max_tokens)  # warm-up
+        rates = [_round(srv.port, prompts, args.max_tokens) for _ in range(args.reps)]
+        if mode == "armed":
+            fired = Injector.from_env(env).disarm()["fired"]
+            if fired:
+                raise RuntimeError("the never-firing trigger fired; the benchmark is invalid")
+        return statistics.median(rates)
+    finally:
+        srv.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    model = build_tiny_model(ModelSpec())
+    with tempfile.TemporaryDirectory(prefix="mlm-bench-") as tmp:
+        results = {m: _measure(m, model, args, Path(tmp)) for m in ("none", "loaded", "armed")}
+    base = results["none"]
+    print(f"{'mode':<8} {'tokens/s (median)':>18} {'ratio':>7}")
+    for mode, rate in results.items():
+        print(f"{mode:<8} {rate:>18.1f} {rate / base:>7.3f}")
+
+
+if __name__ == "__main__":
+    main()
