@@ -1,8 +1,9 @@
 """Throughput cost of the injector: none vs loaded-not-armed vs armed-never-fires.
 
-Runs three real ``mlx_lm.server`` processes one after another (same tiny model,
-same prompts), sends concurrent batched non-stream requests and reports the
-median tokens/s over a few repetitions, plus ratios against the baseline.
+Runs three real ``mlx_lm.server`` processes side by side (same tiny model, same
+prompts), sends rounds of concurrent batched non-stream requests to each in turn
+(interleaved, so shifting machine load hits all three alike) and reports the
+median tokens/s over the repetitions, plus ratios against the baseline.
 
     .venv/bin/python bench/bench_injector.py [--reps 5] [--requests 8] [--max-tokens 64]
 """
@@ -50,34 +51,44 @@ def _round(port: int, prompts: list[str], max_tokens: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def _measure(mode: str, model: Path, args: argparse.Namespace, work: Path) -> float:
-    env = {} if mode == "none" else bootstrap_env(work / mode)
-    srv = ServerProcess(model=model, env=env, log_dir=work / mode, name=mode, ready_timeout=90)
+def _measure_all(model: Path, args: argparse.Namespace, work: Path) -> dict[str, float]:
+    """Start all three servers, then interleave rounds so machine load hits them alike."""
+    modes = ("none", "loaded", "armed")
+    envs = {m: ({} if m == "none" else bootstrap_env(work / m)) for m in modes}
+    servers = {
+        m: ServerProcess(model=model, env=envs[m], log_dir=work / m, name=m, ready_timeout=90)
+        for m in modes
+    }
     prompts = [f"prompt number {i} about apples and pears" for i in range(args.requests)]
+    rates: dict[str, list[float]] = {m: [] for m in modes}
     try:
-        srv.start()
-        if mode == "armed":
-            Injector.from_env(env).arm(NEVER_FIRES)
-        _round(srv.port, prompts, args.max_tokens)  # warm-up
-        rates = [_round(srv.port, prompts, args.max_tokens) for _ in range(args.reps)]
-        if mode == "armed":
-            fired = Injector.from_env(env).disarm()["fired"]
-            if fired:
-                raise RuntimeError("the never-firing trigger fired; the benchmark is invalid")
-        return statistics.median(rates)
+        for srv in servers.values():
+            srv.start()
+        Injector.from_env(envs["armed"]).arm(NEVER_FIRES)
+        for m in modes:
+            _round(servers[m].port, prompts, args.max_tokens)  # warm-up
+        for _ in range(args.reps):
+            for m in modes:
+                rates[m].append(_round(servers[m].port, prompts, args.max_tokens))
+        if Injector.from_env(envs["armed"]).disarm()["fired"]:
+            raise RuntimeError("the never-firing trigger fired; the benchmark is invalid")
     finally:
-        srv.stop()
+        for srv in servers.values():
+            srv.stop()
+    return {m: statistics.median(r) for m, r in rates.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=5)
+    # Stock mlx_lm.server keeps socketserver's listen backlog of 5: far more concurrent
+    # connects than ~8 get reset, which would measure the backlog, not the injector.
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     model = build_tiny_model(ModelSpec())
     with tempfile.TemporaryDirectory(prefix="mlm-bench-") as tmp:
-        results = {m: _measure(m, model, args, Path(tmp)) for m in ("none", "loaded", "armed")}
+        results = _measure_all(model, args, Path(tmp))
     base = results["none"]
     print(f"{'mode':<8} {'tokens/s (median)':>18} {'ratio':>7}")
     for mode, rate in results.items():
