@@ -308,3 +308,51 @@ def test_bootstrap_installs_when_configured_and_rejects_bad_env(tmp_path: Path) 
     bad = {**env, "METALOOM_FAULTS": "cmdbuf_om"}
     out = _run_python("pass", bad)
     assert out.returncode == 2 and "did you mean 'cmdbuf_oom'" in out.stderr
+
+
+def test_live_limits_are_applied_for_real(srv: Live) -> None:
+    since = srv.mark()
+    reply = srv.inj.set_limits(wired="active+1MiB", memory="1GiB")
+    base = srv.inj.snapshot()["baselines"]["active"]
+    assert reply["memory"] == {
+        "value": 2**30,
+        "previous": reply["memory"]["previous"],
+        "accepted": True,
+    }
+    assert reply["wired"]["accepted"] is True
+    assert base <= reply["wired"]["value"] <= base + 2**21
+    assert srv.inj.wait_for("limits", since=since)["source"] == "control"
+    with pytest.raises(InjectorError, match="unknown size unit"):
+        srv.inj.set_limits(wired="3XB")
+
+
+def test_event_reader_tolerates_partial_line_and_times_out_clearly(tmp_path: Path) -> None:
+    log = tmp_path / "events.jsonl"
+    log.write_text('{"event": "started", "t": 1, "pid": 1}\n{"event": "fir', encoding="utf-8")
+    inj = Injector(tmp_path / "absent.sock", log)
+    assert [e["event"] for e in inj.events()] == ["started"]
+    with pytest.raises(TimeoutError, match="no 'fired' event within 0.2s") as info:
+        inj.wait_for("fired", timeout=0.2)
+    assert '"started"' in str(info.value)
+    assert inj.ping(timeout=0.5) is False
+    with pytest.raises(InjectorError, match="cannot reach the injector"):
+        inj.status(timeout=0.5)
+
+
+def test_bootstrap_env_paths_and_early_validation(tmp_path: Path) -> None:
+    env = bootstrap_env(tmp_path / "r", faults="1*cmdbuf_oom", base_env={"PYTHONPATH": "/x"})
+    parts = env["PYTHONPATH"].split(os.pathsep)
+    assert parts[0].endswith("pytest_metaloom/inject/bootstrap") and parts[-1] == "/x"
+    assert Path(parts[1], "pytest_metaloom", "__init__.py").is_file()
+    assert env["METALOOM_FAULTS"] == "1*cmdbuf_oom"
+    assert env["METALOOM_CONTROL"] == str(tmp_path / "r" / "metaloom.sock")
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    long_env = bootstrap_env(deep, base_env={})
+    assert len(long_env["METALOOM_CONTROL"]) <= 100
+    assert long_env["METALOOM_CONTROL"].startswith("/tmp/")
+    Path(long_env["METALOOM_CONTROL"]).parent.rmdir()  # the short fallback dir is ours
+    assert long_env["METALOOM_EVENTS"] == str(deep / "events.jsonl")
+    with pytest.raises(FaultSpecError, match="did you mean 'cmdbuf_oom'"):
+        bootstrap_env(tmp_path / "r", faults="cmdbuf_om")
+    with pytest.raises(FaultSpecError, match="wired=SIZE or memory=SIZE"):
+        bootstrap_env(tmp_path / "r", limits="wird=1GiB")
