@@ -233,7 +233,6 @@ class GuardHandler(BaseHTTPRequestHandler):
     def _recv(self, sock: socket.socket, run: WorkerRun) -> bytes:
         """Next bytes from the worker; b'' on close; raises _WorkerLost if the watchdog fires."""
         hang = self.server.supervisor.config.hang_timeout
-        sock.settimeout(hang if hang > 0 else None)
         while True:
             try:
                 return sock.recv(_RECV)
@@ -267,6 +266,8 @@ class GuardHandler(BaseHTTPRequestHandler):
         return None
 
     def _relay(self, run: WorkerRun, sock: socket.socket, body: bytes) -> None:
+        hang = self.server.supervisor.config.hang_timeout
+        sock.settimeout(hang if hang > 0 else None)  # once: each settimeout is a syscall
         try:
             sock.sendall(self._request_bytes(run, body))
         except OSError:
