@@ -55,7 +55,9 @@ class LiveServer:
         if url is not None:
             self.process: ServerProcess | ExternalServer = ExternalServer(url)
             return
-        inject_env = bootstrap_env(self.run_dir, faults=faults, limits=limits, base_env=env)
+        inject_env = bootstrap_env(
+            self.run_dir, faults=faults, limits=limits, base_env={**os.environ, **(env or {})}
+        )
         full_env = {**(env or {}), **inject_env}
         if self.overlay is not None:
             full_env["PYTHONPATH"] = os.pathsep.join(

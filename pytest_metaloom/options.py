@@ -176,7 +176,7 @@ BY_DEST = {option.dest: option for option in OPTIONS}
 def convert(option: Option, value: Any) -> Any:
     """Turn a raw string (ini or environment) into the option's type."""
     if value is None or value == "" or value == []:
-        return option.default if option.kind != "list" else []
+        return [] if option.kind in ("list", "csv") else option.default
     if option.kind == "bool":
         if isinstance(value, bool):
             return value

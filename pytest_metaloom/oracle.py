@@ -109,8 +109,11 @@ def _process_class(f: Facts) -> list[tuple[str, str]]:
 
 def _request_class(f: Facts) -> list[tuple[str, str]]:
     found = []
-    if f.timed_out and not f.got_bytes:
-        found.append(("hang", "the affected request got no byte before the deadline"))
+    got_content = (
+        f.stream_started or f.sse_error_event or f.sse_done or (f.got_bytes and not f.stream)
+    )
+    if f.timed_out and not got_content:
+        found.append(("hang", "the affected request got no answer before the deadline"))
         return found
     if f.status is None:
         found.append(("request_lost", "the affected request got no status line"))
@@ -256,7 +259,7 @@ def request_facts(observation: Any) -> dict[str, Any]:
         "got_bytes": bool(observation.got_bytes),
         "timed_out": bool(observation.timed_out),
         "structured_error": (not stream) and is_structured_error(observation.json),
-        "stream_started": stream and observation.token_events > 0,
+        "stream_started": stream and observation.started_before_error,
         "sse_error_event": stream and observation.error_event is not None,
         "sse_done": stream and bool(observation.done),
         "ttfb": observation.ttfb,

@@ -95,8 +95,72 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    settings = settings_of(config)
+    if not settings.metal_oom:
+        return
+    from .items import collect_matrix
+
+    items.extend(collect_matrix(session, settings))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when != "call" and not (report.when == "setup" and report.failed):
+        return
+    if not any(name == "metaloom" for name, _ in report.user_properties):
+        return
+    from .report import records_from_user_properties
+
+    config = _current_config
+    if config is not None:
+        config._metaloom_records.extend(records_from_user_properties(report.user_properties))
+
+
+_current_config: pytest.Config | None = None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global _current_config
+    _current_config = session.config
+    session.config._metaloom_records = []  # type: ignore[attr-defined]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    records = getattr(config, "_metaloom_records", [])
+    if not records:
+        return
+    from .report import format_table
+
+    terminalreporter.write_sep("=", "metaloom: Metal OOM matrix")
+    for line in format_table(records):
+        terminalreporter.write_line(line)
+    path = settings_of(config).metaloom_report
+    if path and not hasattr(config, "workerinput"):
+        terminalreporter.write_line(f"report written to {path}")
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    pool = getattr(config, "_metaloom_pool", None)
+    if pool is not None:
+        pool.close()
     stop_all_servers()
+    settings = settings_of(config)
+    records = getattr(config, "_metaloom_records", [])
+    if settings.metaloom_report and records and not hasattr(config, "workerinput"):
+        from .report import build_report, write_report
+
+        write_report(
+            settings.metaloom_report,
+            build_report(
+                records,
+                seed=settings.metaloom_seed,
+                patch_sets=settings.metaloom_patch_set or ["installed"],
+            ),
+        )
 
 
 @pytest.hookimpl(wrapper=True)

@@ -76,6 +76,14 @@ class Observation:
         return count
 
     @property
+    def started_before_error(self) -> bool:
+        """Stream bytes (tokens or keep-alive comments) reached the client before any error."""
+        if not self.stream or not self.body:
+            return False
+        marker = self.body.find(b'data: {"error"')
+        return marker != 0 and bool(self.body[: marker if marker > 0 else None].strip())
+
+    @property
     def usage(self) -> dict | None:
         if self.stream:
             for data in reversed(self.sse_data):

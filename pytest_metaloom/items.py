@@ -1,0 +1,265 @@
+"""The pytest face of the OOM matrix: one test item per (patch set, scenario).
+
+Collected only with ``--metal-oom``, from any directory (no test files needed).
+Scenarios of one patch set share one server (started lazily, restarted by the runner
+whenever a scenario left it dead, wedged or dirty).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .config import Settings
+
+PROPERTY = "metaloom"
+IMPLICIT = "installed"
+
+
+@dataclass
+class PatchTarget:
+    """What one column of the comparison runs against."""
+
+    label: str
+    spec: str | None  # None: the installed mlx-lm, held to every claim
+    patch_set: Any = None
+    overlay: Path | None = None
+    server: Any = None
+    runner: Any = None
+    error: str | None = None
+
+    def claims(self, scenario: Any) -> bool:
+        if self.patch_set is None:
+            return True
+        return self.patch_set.claims_scenario(
+            scenario.fault, scenario.semantics, scenario.path, scenario.stream
+        )
+
+
+@dataclass
+class MatrixPool:
+    settings: Settings
+    base_dir: Path
+    model: Path | None
+    targets: dict[str, PatchTarget] = field(default_factory=dict)
+
+    def runner(self, target: PatchTarget) -> Any:
+        if target.error:
+            raise MatrixSetupError(target.error)
+        if target.runner is None:
+            from .live import LiveServer
+            from .matrix import ScenarioRunner
+            from .patchset import build_overlay
+
+            if target.patch_set is not None and target.overlay is None:
+                target.overlay = build_overlay(
+                    target.patch_set,
+                    self.base_dir / "overlays",
+                    allow_version_mismatch=self.settings.metaloom_allow_version_mismatch,
+                )
+            run_dir = Path(tempfile.mkdtemp(prefix=f"{target.label}-", dir=self.base_dir))
+            target.server = LiveServer(
+                run_dir=run_dir,
+                model=self.model,
+                command=self.settings.server_command,
+                server_args=self.settings.server_args,
+                overlay=target.overlay,
+                guard=self.settings.metaloom_guard,
+                name=f"server-{target.label}",
+                start_timeout=self.settings.metaloom_start_timeout,
+                ready_timeout=self.settings.metaloom_ready_timeout,
+                stop_timeout=self.settings.metaloom_stop_timeout,
+            )
+            from .fixtures import _STARTED
+
+            _STARTED.add(target.server)
+            target.server.start()
+            target.runner = ScenarioRunner(target.server, deadline=self.settings.metaloom_deadline)
+        return target.runner
+
+    def close(self) -> None:
+        for target in self.targets.values():
+            if target.server is not None:
+                target.server.stop()
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+class MatrixSetupError(Exception):
+    """A patch set or server could not be prepared; every scenario of it errors."""
+
+
+class ScenarioFailure(Exception):
+    def __init__(self, message: str, record: dict[str, Any], context: str) -> None:
+        super().__init__(message)
+        self.record = record
+        self.context = context
+
+
+class MatrixCollector(pytest.Collector):
+    def collect(self) -> list[pytest.Item]:
+        return []
+
+    def reportinfo(self) -> tuple[str, int | None, str]:
+        return ("metaloom", None, "metaloom OOM matrix")
+
+
+class ScenarioItem(pytest.Item):
+    def __init__(self, *, scenario: Any, target: PatchTarget, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.scenario = scenario
+        self.target = target
+        self.add_marker("metal_oom")
+
+    def reportinfo(self) -> tuple[str, int | None, str]:
+        return ("metaloom", None, self.name)
+
+    def runtest(self) -> None:
+        pool: MatrixPool = self.config._metaloom_pool  # type: ignore[attr-defined]
+        runner = pool.runner(self.target)
+        result = runner.run(self.scenario)
+        claimed = self.target.claims(self.scenario)
+        outcome = result.outcome.outcome
+        record = build_record(self, result, claimed)
+        self.user_properties.append((PROPERTY, json.dumps(record)))
+        for key in ("outcome", "verdict", "patch_set", "claimed"):
+            self.user_properties.append((f"{PROPERTY}_{key}", str(record[key])))
+        context = _context(result)
+        if outcome == "not_fired":
+            raise ScenarioFailure(
+                "the armed fault never fired: this scenario proved nothing", record, context
+            )
+        if claimed and outcome != "graceful":
+            what = "claimed but not met" if self.target.patch_set is not None else "not graceful"
+            raise ScenarioFailure(f"{what}: observed {outcome}", record, context)
+        if not claimed and outcome != "graceful":
+            pytest.xfail(f"expected gap (not claimed by {self.target.label}): {outcome}")
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str:
+        exc = excinfo.value
+        if isinstance(exc, ScenarioFailure):
+            record = exc.record
+            lines = [
+                f"{self.scenario.id} [{self.target.label}]: {exc}",
+                *(f"  - {reason}" for reason in record["reasons"]),
+                "facts:",
+                *(f"  {k} = {v!r}" for k, v in record["facts"].items()),
+                f"reproduce: {record['reproduce']}",
+                "",
+                exc.context,
+            ]
+            return "\n".join(lines)
+        if isinstance(exc, MatrixSetupError):
+            return f"{self.target.label}: {exc}"
+        return super().repr_failure(excinfo)
+
+
+def _context(result: Any) -> str:
+    events = "\n".join(json.dumps(e) for e in result.events[-12:])
+    return f"--- events ---\n{events}\n--- server log tail ---\n{result.log_tail}"
+
+
+def reproduce_command(item: ScenarioItem) -> str:
+    settings: Settings = item.config._metaloom_settings  # type: ignore[attr-defined]
+    argv = ["pytest", "--metal-oom", "-k", item.scenario.id, "--metaloom-full-matrix"]
+    if item.target.spec is not None:
+        argv += ["--metaloom-patch-set", item.target.spec]
+    if settings.metaloom_guard:
+        argv.append("--metaloom-guard")
+    if settings.metaloom_model:
+        argv += ["--metaloom-model", settings.metaloom_model]
+    argv += ["--metaloom-seed", str(settings.metaloom_seed)]
+    return shlex.join(argv)
+
+
+def build_record(item: ScenarioItem, result: Any, claimed: bool) -> dict[str, Any]:
+    scenario = item.scenario
+    outcome = result.outcome.outcome
+    if outcome == "not_fired":
+        verdict = "not fired"
+    elif claimed:
+        verdict = "met" if outcome == "graceful" else "claimed but not met"
+    else:
+        verdict = "unclaimed but graceful" if outcome == "graceful" else "expected gap"
+    return {
+        "id": scenario.id,
+        "nodeid": item.nodeid,
+        "patch_set": item.target.label,
+        "fault": scenario.fault,
+        "semantics": scenario.semantics,
+        "path": scenario.path,
+        "stream": scenario.stream,
+        "site": scenario.site,
+        "workload": scenario.workload,
+        "outcome": outcome,
+        "expected": "graceful" if claimed else "any (not claimed)",
+        "claimed": claimed,
+        "verdict": verdict,
+        "passed": verdict in ("met", "expected gap", "unclaimed but graceful"),
+        "reasons": result.outcome.reasons,
+        "facts": result.outcome.facts.to_dict(),
+        "timings": {k: round(v, 4) for k, v in result.timings.items()},
+        "guard": bool(result.outcome.facts.behind_guard),
+        "reproduce": reproduce_command(item),
+    }
+
+
+def make_targets(settings: Settings) -> dict[str, PatchTarget]:
+    """One target per --metaloom-patch-set (or the installed mlx-lm when none is given)."""
+    specs = settings.metaloom_patch_set
+    if not specs:
+        return {IMPLICIT: PatchTarget(IMPLICIT, None)}
+    from .patchset import PatchSetError, load_patch_set
+
+    targets: dict[str, PatchTarget] = {}
+    for spec in specs:
+        try:
+            patch_set = load_patch_set(spec)
+            label = patch_set.name
+        except PatchSetError as exc:
+            label = Path(spec).stem or spec
+            targets[label] = PatchTarget(label, spec, error=str(exc))
+            continue
+        while label in targets:
+            label += "'"
+        targets[label] = PatchTarget(label, spec, patch_set=patch_set)
+    return targets
+
+
+def collect_matrix(session: pytest.Session, settings: Settings) -> list[pytest.Item]:
+    from .matrix import build_matrix
+
+    try:
+        scenarios = build_matrix(
+            faults=settings.metaloom_faults,
+            semantics=settings.metaloom_semantics,
+            paths=settings.metaloom_paths,
+            sites=settings.metaloom_sites,
+            stream=settings.metaloom_stream,
+            full=settings.metaloom_full_matrix,
+        )
+    except ValueError as exc:
+        raise pytest.UsageError(f"metaloom: {exc}") from exc
+    targets = make_targets(settings)
+    base_dir = Path(tempfile.mkdtemp(prefix="metaloom-matrix-"))
+    model = settings.model_path
+    if model is None and not settings.metaloom_url:
+        from .model import ModelSpec, build_tiny_model
+
+        model = build_tiny_model(ModelSpec())
+    session.config._metaloom_pool = MatrixPool(settings, base_dir, model, targets)  # type: ignore[attr-defined]
+    collector = MatrixCollector.from_parent(session, name="metaloom")
+    items: list[pytest.Item] = []
+    for target in targets.values():
+        for scenario in scenarios:
+            name = f"{scenario.id}[{target.label}]"
+            items.append(
+                ScenarioItem.from_parent(collector, name=name, scenario=scenario, target=target)
+            )
+    return items

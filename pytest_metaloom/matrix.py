@@ -1,0 +1,351 @@
+"""The built-in OOM scenario matrix and the runner that turns one scenario into facts.
+
+A scenario is data (fault, semantics, path, stream, site, workload). The runner
+drives a live server through it: warm a probe prompt, arm the fault for one tagged
+request, send it (with bystanders), then look at everything a client and the event
+log can see: process, status line, stream end, /health, recovery, cache reset.
+No pytest here: ``items.py`` turns scenarios into test items.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import workload
+from .faults import FAULT_KINDS, PATHS, SITES
+from .oracle import Facts, Outcome, classify, request_facts
+
+STREAM_MODES = ("nostream", "stream")
+PROBE_PROMPT = "metaloom cache probe: the quick brown fox jumps over the lazy dog again"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    fault: str
+    semantics: str
+    path: str
+    stream: bool
+    site: str
+    workload: str = "single"
+    bystanders: int = 1
+
+    @property
+    def id(self) -> str:
+        mode = "stream" if self.stream else "nostream"
+        base = f"{self.fault}-{self.semantics}-{self.path}-{mode}-{self.site}"
+        return base if self.workload == "single" else f"{base}-{self.workload}"
+
+    @property
+    def kind(self) -> Any:
+        return FAULT_KINDS[self.fault]
+
+    def spec(self, request_id: str, *, wired: str | None = None) -> str:
+        """The fault spec that arms this scenario for one request."""
+        args = "" if self.semantics == "sync" else f"({self.semantics})"
+        filters = [f"path={self.path}"]
+        if self.workload == "tool_loop":
+            filters.append(f"wired={wired or 'active+1MiB'}")
+        else:
+            filters += [f"site={self.site}", f"request={request_id}"]
+            if self.stream and self.site == "decode":
+                filters.append("after_tokens=2")  # let the stream start first
+        return f"1*{self.fault}{args}@{','.join(filters)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "id": self.id}
+
+
+def _semantics_for(fault: str, allowed: Sequence[str] | None) -> list[str]:
+    options = list(FAULT_KINDS[fault].allowed_semantics)
+    return [s for s in options if not allowed or s in allowed]
+
+
+def build_matrix(
+    *,
+    faults: Sequence[str] = (),
+    semantics: Sequence[str] = (),
+    paths: Sequence[str] = (),
+    sites: Sequence[str] = (),
+    stream: Sequence[str] = (),
+    full: bool = False,
+) -> list[Scenario]:
+    """The default covering matrix, or the full cross product, narrowed by filters.
+
+    The default covers every kind, both semantics, both paths, both stream modes and
+    every site at least once, rotating stream mode and site instead of multiplying them.
+    """
+    _check_names("fault kind", faults, FAULT_KINDS)
+    _check_names("semantics", semantics, ("abort", "deferred", "sync"))
+    _check_names("path", paths, PATHS)
+    _check_names("site", sites, SITES)
+    _check_names("stream mode", stream, STREAM_MODES)
+    kinds = [k for k in FAULT_KINDS if not faults or k in faults]
+    use_paths = [p for p in PATHS if not paths or p in paths]
+    use_sites = [s for s in SITES if not sites or s in sites]
+    use_stream = [m == "stream" for m in STREAM_MODES if not stream or m in stream]
+    scenarios: list[Scenario] = []
+    rotation = itertools.count()
+    for fault in kinds:
+        for sem in _semantics_for(fault, semantics):
+            for path in use_paths:
+                if full:
+                    for is_stream, site in itertools.product(use_stream, use_sites):
+                        scenarios.append(Scenario(fault, sem, path, is_stream, site))
+                    continue
+                n = next(rotation)
+                site = "decode" if fault == "hang" else use_sites[n % len(use_sites)]
+                is_stream = use_stream[(n // len(use_sites)) % len(use_stream)]
+                if fault == "hang" and path != use_paths[0]:
+                    continue  # one hang scenario is enough: each costs a deadline
+                scenarios.append(Scenario(fault, sem, path, is_stream, site))
+    if (not faults or "cmdbuf_oom" in faults) and "batched" in use_paths:
+        for sem in _semantics_for("cmdbuf_oom", semantics):
+            scenarios.append(
+                Scenario("cmdbuf_oom", sem, "batched", False, "decode", "tool_loop", 0)
+            )
+    return scenarios
+
+
+def _check_names(what: str, given: Sequence[str], valid: Any) -> None:
+    import difflib
+
+    for name in given:
+        if name not in valid:
+            close = difflib.get_close_matches(name, list(valid), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown {what} {name!r}{hint} (valid: {', '.join(valid)})")
+
+
+@dataclass
+class ScenarioResult:
+    scenario: Scenario
+    outcome: Outcome
+    events: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    log_tail: str = ""
+    restarted_before: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "outcome": self.outcome.outcome,
+            "reasons": self.outcome.reasons,
+            "facts": self.outcome.facts.to_dict(),
+            "timings": self.timings,
+            "events": self.events[-20:],
+        }
+
+
+class ScenarioRunner:
+    """Runs scenarios one after another against one server, restarting it when needed."""
+
+    def __init__(self, server: Any, *, deadline: float = 20.0, hang_deadline: float = 4.0) -> None:
+        self.server = server
+        self.deadline = deadline
+        self.hang_deadline = hang_deadline
+
+    # -- server hygiene ------------------------------------------------------------
+    def ensure_clean(self) -> bool:
+        """Restart the server if it died, wedged, or still holds an armed fault."""
+        healthy = self.server.is_alive() and workload.health(self.server.url) == 200
+        if healthy:
+            try:
+                self.server.disarm()
+            except Exception:
+                healthy = False
+        if not healthy:
+            self.server.restart()
+        return not healthy
+
+    def _guard_restarts(self) -> int | None:
+        if not getattr(self.server, "guard", False):
+            return None
+        from .process import http_request
+
+        try:
+            import json
+
+            _, body = http_request(self.server.url + "/metaloom/status", timeout=3)
+            return int(json.loads(body).get("restarts", 0))
+        except (OSError, ValueError):
+            return None
+
+    # -- one scenario ------------------------------------------------------------------
+    def run(self, scenario: Scenario) -> ScenarioResult:
+        timings: dict[str, float] = {}
+        t0 = time.monotonic()
+        restarted = self.ensure_clean()
+        timings["prepare"] = time.monotonic() - t0
+        server = self.server
+        seed = 7 if scenario.path == "sequential" else None
+        deadline = self.hang_deadline if scenario.fault == "hang" else self.deadline
+
+        probe = workload.single_turn(PROBE_PROMPT + f" [{scenario.id}]")
+        workload.chat(server.url, probe, max_tokens=1, seed=seed, deadline=self.deadline)
+        warm = workload.chat(server.url, probe, max_tokens=1, seed=seed, deadline=self.deadline)
+        pid_before = server.pid
+        guard_restarts_before = self._guard_restarts()
+        events_before = len(server.events())
+
+        rid = workload.new_request_id(scenario.fault)
+        server.arm(scenario.spec(rid))
+        t_armed = time.monotonic()
+        affected, bystanders = self._drive(scenario, rid, seed, deadline)
+        timings["drive"] = time.monotonic() - t_armed
+
+        t_fault = time.monotonic()
+        fired_events = self._wait_fired(events_before, scenario)
+        if scenario.semantics == "abort" and not getattr(server, "guard", False):
+            self._wait_exit(5.0)
+        alive = server.is_alive()
+        status_after = {}
+        if alive:
+            try:
+                status_after = server.disarm()
+            except Exception:
+                alive = server.is_alive()
+        fired = bool(fired_events) or _fired_count(status_after) > 0
+        health_after_fault = workload.health(server.url) if alive else None
+
+        # recovery: the probe first (cache reset evidence), then ordinary requests
+        recovery: list[workload.Observation] = []
+        cached_after = None
+        sequences_after = None
+        if alive:
+            probe_obs = workload.chat(
+                server.url, probe, max_tokens=1, seed=seed, deadline=min(self.deadline, 10)
+            )
+            recovery.append(probe_obs)
+            cached_after = probe_obs.cached_tokens if probe_obs.ok else None
+            sequences_after = self._sequences_at_start(events_before, probe_obs.request_id)
+            for path_seed in (seed, None if seed is not None else 3):
+                recovery.append(
+                    workload.chat(
+                        server.url,
+                        workload.single_turn("after the fault"),
+                        max_tokens=2,
+                        seed=path_seed,
+                        deadline=min(self.deadline, 10),
+                    )
+                )
+        timings["fault_to_verdict"] = time.monotonic() - t_fault
+        guard_restarts_after = self._guard_restarts()
+        worker_restarted = (
+            guard_restarts_before is not None
+            and guard_restarts_after is not None
+            and guard_restarts_after > guard_restarts_before
+        )
+        facts = Facts(
+            fault=scenario.fault,
+            expected_status=scenario.kind.expected_status,
+            needs_cache_reset=scenario.kind.is_oom,
+            fired=fired,
+            alive=server.is_alive(),
+            pid_before=pid_before,
+            pid_after=server.pid,
+            returncode=server.returncode,
+            signal=server.signal,
+            behind_guard=bool(getattr(server, "guard", False)),
+            worker_restarted=worker_restarted,
+            health_after_fault=health_after_fault,
+            health_after_recovery=workload.health(server.url) if server.is_alive() else None,
+            recovery_statuses=[o.status for o in recovery],
+            recovery_ok=bool(recovery) and all(o.ok for o in recovery),
+            recovery_hung=any(o.timed_out for o in recovery),
+            cache_sequences_after=sequences_after,
+            cached_tokens_before=warm.cached_tokens,
+            cached_tokens_after=cached_after,
+            bystanders=[
+                b.status if isinstance(b, workload.Observation) else None for b in bystanders
+            ],
+            **request_facts(affected),
+        )
+        timings["total"] = time.monotonic() - t0
+        new_events = server.events()[events_before:]
+        return ScenarioResult(
+            scenario=scenario,
+            outcome=classify(facts),
+            events=new_events,
+            timings=timings,
+            log_tail=server.log_tail(30),
+            restarted_before=restarted,
+        )
+
+    def _drive(
+        self, scenario: Scenario, rid: str, seed: int | None, deadline: float
+    ) -> tuple[workload.Observation, list[Any]]:
+        url = self.server.url
+        if scenario.workload == "tool_loop":
+            return self._tool_loop(seed, deadline), []
+
+        def affected() -> workload.Observation:
+            if scenario.bystanders:
+                time.sleep(0.05)  # bystanders are in flight first: the blast radius
+            return workload.chat(
+                url,
+                workload.single_turn("Explain why GPUs run out of memory."),
+                request_id=rid,
+                stream=scenario.stream,
+                max_tokens=8,
+                seed=seed,
+                deadline=deadline,
+            )
+
+        def bystander() -> workload.Observation:
+            return workload.chat(
+                url,
+                workload.single_turn("a bystander question"),
+                max_tokens=4,
+                seed=seed,
+                deadline=deadline,
+            )
+
+        results = workload.concurrently(
+            [affected, *[bystander] * scenario.bystanders], timeout=deadline + 5
+        )
+        return results[0], results[1:]
+
+    def _tool_loop(self, seed: int | None, deadline: float, max_turns: int = 8) -> Any:
+        messages = workload.tool_loop_start()
+        last = None
+        for turn in range(max_turns):
+            messages = workload.tool_loop_turn(messages, turn)
+            last = workload.chat(
+                self.server.url,
+                messages,
+                max_tokens=4,
+                seed=seed,
+                tools=[workload.WEATHER_TOOL],
+                deadline=deadline,
+            )
+            if not last.ok or not self.server.is_alive():
+                break
+        return last
+
+    def _wait_fired(self, since: int, scenario: Scenario, timeout: float = 2.0) -> list[dict]:
+        end = time.monotonic() + timeout
+        while True:
+            fired = [e for e in self.server.events()[since:] if e.get("event") == "fired"]
+            if fired or time.monotonic() > end:
+                return fired
+            time.sleep(0.05)
+
+    def _wait_exit(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while self.server.is_alive() and time.monotonic() < end:
+            time.sleep(0.05)
+
+    def _sequences_at_start(self, since: int, request_id: str) -> int | None:
+        for event in self.server.events()[since:]:
+            if event.get("event") == "request_start" and event.get("request_id") == request_id:
+                cache = event.get("cache") or {}
+                return cache.get("sequences")
+        return None
+
+
+def _fired_count(status: dict) -> int:
+    points = status.get("points") or []
+    return sum(int(p.get("fired", 0)) for p in points if isinstance(p, dict))
