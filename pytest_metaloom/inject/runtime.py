@@ -681,6 +681,36 @@ def _patch_server(rt: Runtime, server: Any) -> None:
     rt.emit("patched", module=server.__name__)
 
 
+def check_env(env: Mapping[str, str] | None = None) -> None:
+    """Validate ``METALOOM_FAULTS`` and ``METALOOM_LIMITS`` without importing mlx."""
+    from ..faults import parse_size, parse_spec
+
+    env = os.environ if env is None else env
+    if env.get("METALOOM_FAULTS"):
+        parse_spec(env["METALOOM_FAULTS"])
+    for part in filter(None, (env.get("METALOOM_LIMITS") or "").split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in ("wired", "memory"):
+            raise ValueError(
+                f"bad METALOOM_LIMITS entry {part!r}; expected wired=SIZE and/or memory=SIZE"
+            )
+        parse_size(value.strip(), {"active": 1, "peak": 1, "limit": 1})
+
+
+def install_when_server_imported(env: Mapping[str, str] | None = None) -> None:
+    """Install the runtime only in the process that imports ``mlx_lm.server``.
+
+    The environment is inherited by every process in between (a shell wrapper, a
+    supervisor such as metaloom-guard): those must stay inert, import no mlx and bind
+    no control socket, so the harness always talks to the real server.
+    """
+    env = dict(os.environ if env is None else env)
+    if "mlx_lm.server" in sys.modules:
+        install(env)
+        return
+    sys.meta_path.insert(0, _PostImportFinder({"mlx_lm.server": lambda m: install(env)}))
+
+
 def install(env: Mapping[str, str] | None = None) -> Runtime:
     """Install the runtime once; configure it from ``METALOOM_*`` variables."""
     global RUNTIME

@@ -61,7 +61,8 @@ def _main() -> None:
         )
         _die()
     try:
-        runtime.install()
+        runtime.check_env()  # a typo fails the server at once, with the cause
+        runtime.install_when_server_imported()
     except ValueError as exc:
         sys.stderr.write(f"metaloom: bad injector configuration: {exc}\n")
         _die()
