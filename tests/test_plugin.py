@@ -100,9 +100,8 @@ def test_url_mode_reuses_a_running_server_and_fails_clearly_when_nothing_listens
         """
     )
     with ServerProcess(model=model_dir, log_dir=tmp_path) as server:
-        result = pytester.runpytest_subprocess(
-            "-p", "no:cacheprovider", f"--metaloom-url={server.url}"
-        )
+        url = server.url
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--metaloom-url={url}")
         result.assert_outcomes(passed=1)
         assert server.is_alive()  # nothing stopped it
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--metaloom-url={url}")
