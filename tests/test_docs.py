@@ -127,6 +127,31 @@ def test_options_table_parser_sees_a_wrong_default() -> None:
     assert timeout[3] != default_text(option)
 
 
+# Names the injector reads inside the server (ARCHITECTURE.md, fault-spec reference).
+SERVER_ENV = {
+    "METALOOM_FAULTS",
+    "METALOOM_LIMITS",
+    "METALOOM_EVENTS",
+    "METALOOM_CONTROL",
+    "METALOOM_SEMANTICS",
+    "METALOOM_HANG_MAX",
+}
+
+
+def test_options_page_warns_about_exactly_the_colliding_env_names() -> None:
+    # Servers inherit the environment, so an option's env name that the injector also
+    # reads changes the servers. The warning must name exactly those (and go when fixed).
+    text = OPTIONS_PAGE.read_text()
+    start, end = "<!-- env-collisions:start -->", "<!-- env-collisions:end -->"
+    block = text.split(start, 1)[1].split(end, 1)[0] if start in text else ""
+    warned = set(re.findall(r"`(METALOOM_[A-Z_]+)`", block))
+    colliding = {o.env for o in OPTIONS} & SERVER_ENV
+    assert warned == colliding, (
+        f"options.md warns about {sorted(warned)} but the colliding names are "
+        f"{sorted(colliding)}; update the env-collisions block (drop the warning if none)"
+    )
+
+
 # -- pages agree with the code -------------------------------------------------------
 
 
