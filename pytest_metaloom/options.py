@@ -2,7 +2,7 @@
 
 Each setting exists as a command-line option and as an ini key, registered from the
 same row with the same description. Values resolve in this order: an explicit factory
-argument, the command line, the environment (``METALOOM_<NAME>``), the ini file, the
+argument, the command line, the environment (``PYTEST_METALOOM_<NAME>``), the ini file, the
 default. This module imports nothing heavy.
 """
 
@@ -34,7 +34,9 @@ class Option:
 
     @property
     def env(self) -> str:
-        return self.ini.upper()
+        # Not METALOOM_*: servers inherit the environment and the in-server injector
+        # reads METALOOM_FAULTS etc.; a matrix filter must never arm a fault.
+        return "PYTEST_" + self.ini.upper()
 
 
 OPTIONS: tuple[Option, ...] = (

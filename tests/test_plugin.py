@@ -56,7 +56,7 @@ def test_settings_resolve_cli_over_env_over_ini(pytester, monkeypatch):
     )
     result = pytester.runpytest_subprocess("-s", "-p", "no:cacheprovider")
     result.stdout.fnmatch_lines(["*DEADLINE 5.0", "FAULTS ['hang']"])
-    monkeypatch.setenv("METALOOM_DEADLINE", "7")
+    monkeypatch.setenv("PYTEST_METALOOM_DEADLINE", "7")
     result = pytester.runpytest_subprocess("-s", "-p", "no:cacheprovider")
     result.stdout.fnmatch_lines(["*DEADLINE 7.0"])
     result = pytester.runpytest_subprocess("-s", "-p", "no:cacheprovider", "--metaloom-deadline=9")
