@@ -120,6 +120,15 @@ class ScenarioItem(pytest.Item):
     def reportinfo(self) -> tuple[str, int | None, str]:
         return ("metaloom", None, self.name)
 
+    def setup(self) -> None:
+        settings: Settings = self.config._metaloom_settings  # type: ignore[attr-defined]
+        if settings.metaloom_real_metal:
+            from .realmetal import metal_unavailable_reason
+
+            reason = metal_unavailable_reason()
+            if reason:
+                pytest.skip(reason)
+
     def runtest(self) -> None:
         pool: MatrixPool = self.config._metaloom_pool  # type: ignore[attr-defined]
         runner = pool.runner(self.target)
