@@ -150,7 +150,12 @@ class ScenarioRunner:
     # -- server hygiene ------------------------------------------------------------
     def ensure_clean(self) -> bool:
         """Restart the server if it died, wedged, or still holds an armed fault."""
-        healthy = self.server.is_alive() and workload.health(self.server.url) == 200
+        healthy = (
+            self.server.is_alive()
+            and workload.health(self.server.url) == 200
+            # /health can lie (a wedged worker behind a supervisor): prove it generates
+            and workload.chat(self.server.url, workload.single_turn("ping"), max_tokens=1).ok
+        )
         if healthy:
             try:
                 self.server.disarm()
@@ -209,6 +214,8 @@ class ScenarioRunner:
                 alive = server.is_alive()
         fired = bool(fired_events) or _fired_count(status_after) > 0
         health_after_fault = workload.health(server.url) if alive else None
+        if alive and getattr(server, "guard", False):
+            self._wait_serving(60.0)  # a restarting worker: the guard answers 503 meanwhile
 
         # recovery: the probe first (cache reset evidence), then ordinary requests
         recovery: list[workload.Observation] = []
@@ -332,6 +339,11 @@ class ScenarioRunner:
             if fired or time.monotonic() > end:
                 return fired
             time.sleep(0.05)
+
+    def _wait_serving(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while workload.health(self.server.url) != 200 and time.monotonic() < end:
+            time.sleep(0.1)
 
     def _wait_exit(self, timeout: float) -> None:
         end = time.monotonic() + timeout

@@ -196,3 +196,20 @@ def test_xdist_runs_the_matrix_with_one_combined_report(pytester):
     )
     assert len(rows) == 4
     assert {r["outcome"] for r in rows.values()} <= {"wedged", "request_lost"}
+
+
+def test_guard_turns_stock_aborts_into_graceful_restarts(pytester):
+    result, rows, _ = _run_matrix(
+        pytester,
+        "--metaloom-guard",
+        "--metaloom-faults=cmdbuf_oom",
+        "--metaloom-semantics=abort",
+        "--metaloom-paths=batched",
+    )
+    assert rows, "no scenario ran"
+    for row in rows.values():
+        facts = row["facts"]
+        assert row["outcome"] == "graceful", row
+        assert facts["worker_restarted"] and facts["status"] == 503 and facts["alive"]
+        assert row["guard"] is True
+    assert result.ret == pytest.ExitCode.OK
