@@ -24,6 +24,7 @@ class Command(NamedTuple):
 COMMANDS: tuple[Command, ...] = (
     Command("budget", "pytest_metaloom.budget_cmd", "will model + prompt cache + KV fit?"),
     Command("classify", "pytest_metaloom.classify_cmd", "name the failure in a crash log"),
+    Command("patchset", "pytest_metaloom.patchset_cmd", "check a patch set: validate and apply"),
 )
 
 EXIT_USAGE = 2
