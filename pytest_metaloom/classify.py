@@ -22,19 +22,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
-FAULT_KIND_NAMES: tuple[str, ...] = (
-    "alloc_too_large",
-    "resource_limit",
-    "unable_to_allocate",
-    "cmdbuf_oom",
-    "gpu_timeout",
-    "gpu_hang",
-    "gpu_victim",
-    "invalid_resource",
-    "runtime_error",
-    "hang",
-)
-"""The injector's fault kinds (mirrors ``faults.FAULT_KINDS``)."""
+from .faults import FAULT_KINDS
+
+FAULT_KIND_NAMES: tuple[str, ...] = tuple(FAULT_KINDS)
+"""The injector's fault kinds, the names the classifier reports."""
 
 EXTRA_KINDS: tuple[str, ...] = ("segfault", "killed", "none")
 KINDS: tuple[str, ...] = FAULT_KIND_NAMES + EXTRA_KINDS

@@ -35,26 +35,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-try:
-    from .faults import FAULT_KINDS, PATHS, SEMANTICS
-except ImportError:  # faults.py is written in parallel; these are the names it defines
-    FAULT_KINDS = {
-        name: name
-        for name in (
-            "alloc_too_large",
-            "resource_limit",
-            "unable_to_allocate",
-            "cmdbuf_oom",
-            "gpu_timeout",
-            "gpu_hang",
-            "gpu_victim",
-            "invalid_resource",
-            "runtime_error",
-            "hang",
-        )
-    }
-    SEMANTICS = ("sync", "deferred", "abort")
-    PATHS = ("batched", "sequential")
+from .faults import FAULT_KINDS, PATHS, SEMANTICS
 
 STOCK = "stock"
 MANIFEST_NAME = "patchset.toml"
