@@ -81,7 +81,11 @@ class MatrixPool:
 
             _STARTED.add(target.server)
             target.server.start()
-            target.runner = ScenarioRunner(target.server, deadline=self.settings.metaloom_deadline)
+            target.runner = ScenarioRunner(
+                target.server,
+                deadline=self.settings.metaloom_deadline,
+                seed=self.settings.metaloom_seed,
+            )
         return target.runner
 
     def close(self) -> None:

@@ -9,10 +9,11 @@ No pytest here: ``items.py`` turns scenarios into test items.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from . import workload
@@ -102,6 +103,11 @@ def build_matrix(
                 if fault == "hang" and path != use_paths[0]:
                     continue  # one hang scenario is enough: each costs a deadline
                 scenarios.append(Scenario(fault, sem, path, is_stream, site))
+    if (not faults or "resource_limit" in faults) and "batched" in use_paths:
+        if not semantics or "sync" in semantics:
+            scenarios.append(
+                Scenario("resource_limit", "sync", "batched", False, "decode", "cycles")
+            )
     if (not faults or "cmdbuf_oom" in faults) and "batched" in use_paths:
         for sem in _semantics_for("cmdbuf_oom", semantics):
             scenarios.append(
@@ -142,10 +148,26 @@ class ScenarioResult:
 class ScenarioRunner:
     """Runs scenarios one after another against one server, restarting it when needed."""
 
-    def __init__(self, server: Any, *, deadline: float = 20.0, hang_deadline: float = 4.0) -> None:
+    def __init__(
+        self,
+        server: Any,
+        *,
+        deadline: float = 20.0,
+        hang_deadline: float = 4.0,
+        seed: int = 0,
+        cycles: int = 4,
+    ) -> None:
         self.server = server
         self.deadline = deadline
         self.hang_deadline = hang_deadline
+        self.seed = seed
+        self.cycles = cycles
+        self._ids = itertools.count()
+
+    def request_id(self, scenario: Scenario) -> str:
+        """Ids derive from the seed: the same seed replays the same specs and requests."""
+        digest = hashlib.sha1(f"{self.seed}|{scenario.id}|{next(self._ids)}".encode())
+        return f"{scenario.fault}-{digest.hexdigest()[:10]}"
 
     # -- server hygiene ------------------------------------------------------------
     def ensure_clean(self) -> bool:
@@ -180,12 +202,41 @@ class ScenarioRunner:
 
     # -- one scenario ------------------------------------------------------------------
     def run(self, scenario: Scenario) -> ScenarioResult:
+        if scenario.workload == "cycles":
+            return self._run_cycles(scenario)
+        return self._run_once(scenario)
+
+    def _run_cycles(self, scenario: Scenario) -> ScenarioResult:
+        """Fault and recover several times on one server; memory must not creep."""
+        single = replace(scenario, workload="single")
+        results: list[ScenarioResult] = []
+        for _ in range(self.cycles):
+            result = self._run_once(single)
+            results.append(result)
+            if result.outcome.outcome != "graceful":
+                break  # a non-graceful cycle already decides; the next would restart
+        samples = [r.outcome.facts.memory_after for r in results]
+        last = results[-1]
+        facts = last.outcome.facts
+        if len(results) == self.cycles and all(v is not None for v in samples):
+            facts.memory_creep_bytes = max(0, samples[-1] - samples[0])
+        timings = {k: sum(r.timings.get(k, 0.0) for r in results) for k in last.timings}
+        return ScenarioResult(
+            scenario=scenario,
+            outcome=classify(facts),
+            events=[e for r in results for e in r.events][-40:],
+            timings=timings,
+            log_tail=last.log_tail,
+            restarted_before=results[0].restarted_before,
+        )
+
+    def _run_once(self, scenario: Scenario) -> ScenarioResult:
         timings: dict[str, float] = {}
         t0 = time.monotonic()
         restarted = self.ensure_clean()
         timings["prepare"] = time.monotonic() - t0
         server = self.server
-        seed = 7 if scenario.path == "sequential" else None
+        seed = self.seed if scenario.path == "sequential" else None
         deadline = self.hang_deadline if scenario.fault == "hang" else self.deadline
 
         probe = workload.single_turn(PROBE_PROMPT + f" [{scenario.id}]")
@@ -195,7 +246,7 @@ class ScenarioRunner:
         guard_restarts_before = self._guard_restarts()
         events_before = len(server.events())
 
-        rid = workload.new_request_id(scenario.fault)
+        rid = self.request_id(scenario)
         server.arm(scenario.spec(rid))
         t_armed = time.monotonic()
         affected, bystanders = self._drive(scenario, rid, seed, deadline)
@@ -221,13 +272,16 @@ class ScenarioRunner:
         recovery: list[workload.Observation] = []
         cached_after = None
         sequences_after = None
+        memory_after = None
         if alive:
             probe_obs = workload.chat(
                 server.url, probe, max_tokens=1, seed=seed, deadline=min(self.deadline, 10)
             )
             recovery.append(probe_obs)
             cached_after = probe_obs.cached_tokens if probe_obs.ok else None
-            sequences_after = self._sequences_at_start(events_before, probe_obs.request_id)
+            start_event = self._start_event(events_before, probe_obs.request_id)
+            sequences_after = (start_event.get("cache") or {}).get("sequences")
+            memory_after = (start_event.get("memory") or {}).get("active")
             for path_seed in (seed, None if seed is not None else 3):
                 recovery.append(
                     workload.chat(
@@ -265,6 +319,7 @@ class ScenarioRunner:
             cache_sequences_after=sequences_after,
             cached_tokens_before=warm.cached_tokens,
             cached_tokens_after=cached_after,
+            memory_after=memory_after,
             bystanders=[
                 b.status if isinstance(b, workload.Observation) else None for b in bystanders
             ],
@@ -350,12 +405,11 @@ class ScenarioRunner:
         while self.server.is_alive() and time.monotonic() < end:
             time.sleep(0.05)
 
-    def _sequences_at_start(self, since: int, request_id: str) -> int | None:
+    def _start_event(self, since: int, request_id: str) -> dict:
         for event in self.server.events()[since:]:
             if event.get("event") == "request_start" and event.get("request_id") == request_id:
-                cache = event.get("cache") or {}
-                return cache.get("sequences")
-        return None
+                return event
+        return {}
 
 
 def _fired_count(status: dict) -> int:

@@ -22,6 +22,7 @@ OUTCOMES = (
 )
 NOT_FIRED = "not_fired"
 SEVERITY = {name: rank for rank, name in enumerate(OUTCOMES)}
+MEMORY_CREEP_LIMIT = 1 << 20  # bytes over all cycles; the tiny model's KV is ~256 B/token
 
 
 @dataclass
@@ -63,7 +64,9 @@ class Facts:
     cached_tokens_after: int | None = None
     # blast radius
     bystanders: list[int | None] = field(default_factory=list)
-    # memory creep over repeated cycles (bytes), None when not measured
+    # memory: active bytes at the first request after recovery, and the creep over
+    # repeated fault/recover cycles (None when not measured)
+    memory_after: int | None = None
     memory_creep_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,6 +171,14 @@ def _cache_class(f: Facts) -> list[tuple[str, str]]:
     if f.cache_sequences_after:
         found.append(
             ("no_cache_reset", f"the prompt cache still holds {f.cache_sequences_after} sequences")
+        )
+    if f.memory_creep_bytes is not None and f.memory_creep_bytes > MEMORY_CREEP_LIMIT:
+        found.append(
+            (
+                "no_cache_reset",
+                f"active memory crept by {f.memory_creep_bytes} bytes over repeated "
+                "fault/recover cycles: the reset does not release memory",
+            )
         )
     if f.cached_tokens_after:
         found.append(

@@ -196,3 +196,10 @@ def test_classes_from_real_observations(misbehaving_server, behaviour, stream, e
     assert time.monotonic() - started < 5
     facts = graceful_facts(**request_facts(obs))
     assert classify(facts).outcome == expected, (obs.summary(), classify(facts).reasons)
+
+
+def test_memory_creep_over_cycles_is_not_a_reset():
+    assert classify(graceful_facts(memory_creep_bytes=20_000)).outcome == "graceful"
+    outcome = classify(graceful_facts(memory_creep_bytes=5 << 20))
+    assert outcome.outcome == "no_cache_reset"
+    assert any("crept" in reason for reason in outcome.reasons)

@@ -1,0 +1,61 @@
+"""The scenario matrix as data: coverage, narrowing, ids, and seed-derived requests."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_metaloom.faults import FAULT_KINDS, PATHS, SITES
+from pytest_metaloom.matrix import STREAM_MODES, Scenario, ScenarioRunner, build_matrix
+
+
+def test_default_matrix_covers_every_dimension_without_the_cross_product():
+    scenarios = build_matrix()
+    full = build_matrix(full=True)
+    assert len(scenarios) < len(full) / 4
+    singles = [s for s in scenarios if s.workload == "single"]
+    assert {s.fault for s in singles} == set(FAULT_KINDS)
+    assert {s.semantics for s in singles} == {"abort", "deferred", "sync"}
+    assert {s.path for s in singles} == set(PATHS)
+    assert {s.stream for s in singles} == {True, False}
+    assert {s.site for s in singles} == set(SITES)
+    assert {s.workload for s in scenarios} == {"single", "tool_loop", "cycles"}
+    for kind in FAULT_KINDS:  # both semantics of every command-buffer kind
+        sems = {s.semantics for s in singles if s.fault == kind}
+        assert sems == set(FAULT_KINDS[kind].allowed_semantics)
+    assert len({s.id for s in scenarios}) == len(scenarios)
+
+
+def test_full_matrix_is_the_cross_product():
+    full = [s for s in build_matrix(full=True) if s.workload == "single"]
+    per_kind = {k: len(v.allowed_semantics) for k, v in FAULT_KINDS.items()}
+    expected = sum(per_kind.values()) * len(PATHS) * len(STREAM_MODES) * len(SITES)
+    assert len(full) == expected
+
+
+def test_filters_narrow_and_typos_fail():
+    only = build_matrix(faults=["cmdbuf_oom"], semantics=["abort"], paths=["sequential"])
+    assert only and all(
+        s.fault == "cmdbuf_oom" and s.semantics == "abort" and s.path == "sequential" for s in only
+    )
+    with pytest.raises(ValueError, match="did you mean 'decode'"):
+        build_matrix(sites=["decod"])
+
+
+def test_specs_target_one_request_and_parse():
+    from pytest_metaloom.faults import parse_spec
+
+    for scenario in build_matrix(full=True):
+        spec = scenario.spec("req-1")
+        parse_spec(spec)
+        if scenario.workload == "single":
+            assert "request=req-1" in spec and f"site={scenario.site}" in spec
+
+
+def test_same_seed_same_requests():
+    scenario = Scenario("cmdbuf_oom", "abort", "batched", False, "decode")
+    runner = ScenarioRunner(None, seed=3)
+    first, second = runner.request_id(scenario), runner.request_id(scenario)
+    assert first != second  # every request of a run is distinct
+    replay = ScenarioRunner(None, seed=3)
+    assert [replay.request_id(scenario), replay.request_id(scenario)] == [first, second]
+    assert ScenarioRunner(None, seed=4).request_id(scenario) != first
