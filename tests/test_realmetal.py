@@ -15,6 +15,7 @@ import time
 import pytest
 
 from pytest_metaloom import realmetal
+from pytest_metaloom.live import LiveServer
 
 STAND_IN_SYSCTL = """#!/bin/sh
 # stand-in for macOS sysctl: state in $STATE, every call logged to $STATE.log
@@ -109,3 +110,87 @@ def test_matrix_in_real_metal_mode_is_skipped_with_the_reason(pytester):
     outcomes = result.parseoutcomes()
     assert outcomes.get("skipped", 0) > 0 and "passed" not in outcomes
     result.stdout.fnmatch_lines(["*real Metal mode needs Apple Silicon*"])
+
+
+# ---------------------------------------------------------------------- the real run, live
+
+
+@pytest.fixture(scope="module")
+def cpu_server(model_dir, tmp_path_factory):
+    """A real mlx_lm.server on the CPU backend, where no real Metal failure can happen."""
+    server = LiveServer(run_dir=tmp_path_factory.mktemp("real"), model=model_dir, name="real")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_plan_rejects_bad_input_with_the_fix():
+    with pytest.raises(ValueError, match=r"RealMetalPlan.wired='2XB' is not a size.*active\+2GiB"):
+        realmetal.RealMetalPlan(wired="2XB")
+    with pytest.raises(ValueError, match="sysctl_mb=0 would not lower anything"):
+        realmetal.RealMetalPlan(sysctl_mb=0)
+    with pytest.raises(ValueError, match="max_turns must be >= 1"):
+        realmetal.RealMetalPlan(max_turns=0)
+
+
+def test_sysctl_limit_is_the_weights_plus_headroom(model_dir):
+    weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    assert weights > 0
+    expected = -(-(weights + 2 * 2**30) // 2**20)  # ceil to MB
+    assert realmetal.sysctl_limit_mb(model_dir) == expected
+    assert realmetal.sysctl_limit_mb(None, headroom=2**20) == 1
+
+
+@pytest.mark.timeout(180)
+def test_cpu_backend_never_fails_for_real_so_it_is_not_fired(cpu_server, fake_macos):
+    fake_macos.write_text("36864\n")
+    plan = realmetal.RealMetalPlan(
+        wired="active+1MiB", memory="active+1MiB", sysctl_mb=2048, max_turns=3, deadline=30
+    )
+    result = realmetal.run_real_scenario(cpu_server, plan)
+    assert result.outcome.outcome == "not_fired"
+    assert result.outcome.reasons == ["no real failure within 3 turns"]
+    assert result.turns == [200, 200, 200]
+    assert result.kind is None and cpu_server.is_alive()
+    # the limits were really applied inside the server (accepted, not enforced, on CPU)
+    assert result.limits["wired"]["accepted"] and result.limits["memory"]["accepted"]
+    limit_events = [e for e in cpu_server.events() if e["event"] == "limits"]
+    assert limit_events[-1]["wired"]["value"] == result.limits["wired"]["value"]
+    # nothing was simulated: no fault armed, none fired
+    assert not [e for e in result.events if e["event"] in ("armed", "fired")]
+    # the system ceiling was lowered for the drive and then put back
+    log = (fake_macos.parent / "wired.log").read_text().splitlines()
+    assert [line for line in log if "=" in line] == [
+        "iogpu.wired_limit_mb=2048",
+        "iogpu.wired_limit_mb=36864",
+    ]
+    assert fake_macos.read_text().strip() == "36864"
+    assert not realmetal._APPLIED
+
+
+@pytest.mark.timeout(180)
+def test_a_failure_during_the_drive_is_classified_by_the_oracle(cpu_server):
+    """Stand-in for the real Metal error: the injector raises its exact text once usage grows.
+
+    This checks the failure branch (log classification, facts, oracle); on a Mac the
+    same branch would see MLX's own error. Stock mlx-lm 0.32.2 wedges on the batched path.
+    """
+    cpu_server.arm("1*cmdbuf_oom(deferred)@wired=active+1MiB,path=batched")
+    plan = realmetal.RealMetalPlan(wired=None, memory=None, max_turns=8, deadline=30)
+    result = realmetal.run_real_scenario(cpu_server, plan)
+    assert result.kind == "cmdbuf_oom" and result.semantics == "deferred"
+    assert result.turns[-1] is None  # the failing turn got no status line
+    assert len(result.turns) < 8
+    assert result.outcome.outcome == "wedged"
+    assert result.outcome.facts.health_after_fault == 503
+    assert any("generation thread died" in r or "404" in r for r in result.outcome.reasons)
+
+
+def test_external_server_is_refused_with_the_reason():
+    class External:
+        injector = None
+
+    with pytest.raises(realmetal.RealMetalError, match="needs a server that metaloom started"):
+        realmetal.run_real_scenario(External())
