@@ -31,9 +31,13 @@ class PatchTarget:
     spec: str | None  # None: the installed mlx-lm, held to every claim
     patch_set: Any = None
     overlay: Path | None = None
-    server: Any = None
     runner: Any = None
     error: str | None = None
+
+    @property
+    def server(self) -> Any:
+        """The live server of this target (the runner swaps in a spare after a crash)."""
+        return self.runner.server if self.runner is not None else None
 
     def claims(self, scenario: Any) -> bool:
         if self.patch_set is None:
@@ -54,7 +58,6 @@ class MatrixPool:
         if target.error:
             raise MatrixSetupError(target.error)
         if target.runner is None:
-            from .live import LiveServer
             from .matrix import ScenarioRunner
             from .patchset import build_overlay
 
@@ -64,34 +67,43 @@ class MatrixPool:
                     self.base_dir / "overlays",
                     allow_version_mismatch=self.settings.metaloom_allow_version_mismatch,
                 )
-            run_dir = Path(tempfile.mkdtemp(prefix=f"{target.label}-", dir=self.base_dir))
-            target.server = LiveServer(
-                run_dir=run_dir,
-                model=self.model,
-                command=self.settings.server_command,
-                server_args=self.settings.server_args,
-                overlay=target.overlay,
-                guard=self.settings.metaloom_guard,
-                name=f"server-{target.label}",
-                start_timeout=self.settings.metaloom_start_timeout,
-                ready_timeout=self.settings.metaloom_ready_timeout,
-                stop_timeout=self.settings.metaloom_stop_timeout,
-            )
-            from .fixtures import _STARTED
-
-            _STARTED.add(target.server)
-            target.server.start()
+            server = self._new_server(target)
+            server.start()
+            external = bool(self.settings.metaloom_url)
             target.runner = ScenarioRunner(
-                target.server,
+                server,
                 deadline=self.settings.metaloom_deadline,
                 seed=self.settings.metaloom_seed,
+                make_spare=None if external else (lambda: self._new_server(target)),
             )
         return target.runner
 
+    def _new_server(self, target: PatchTarget) -> Any:
+        from .fixtures import _STARTED
+        from .live import LiveServer
+
+        run_dir = Path(tempfile.mkdtemp(prefix=f"{target.label}-", dir=self.base_dir))
+        server = LiveServer(
+            run_dir=run_dir,
+            model=self.model,
+            command=self.settings.server_command,
+            server_args=self.settings.server_args,
+            overlay=target.overlay,
+            guard=self.settings.metaloom_guard,
+            url=self.settings.metaloom_url,
+            name=f"server-{target.label}",
+            start_timeout=self.settings.metaloom_start_timeout,
+            ready_timeout=self.settings.metaloom_ready_timeout,
+            stop_timeout=self.settings.metaloom_stop_timeout,
+        )
+        _STARTED.add(server)
+        return server
+
     def close(self) -> None:
         for target in self.targets.values():
-            if target.server is not None:
-                target.server.stop()
+            if target.runner is not None:
+                target.runner.close()
+                target.runner.server.stop()
         shutil.rmtree(self.base_dir, ignore_errors=True)
 
 
@@ -268,6 +280,8 @@ def collect_matrix(session: pytest.Session, settings: Settings) -> list[pytest.I
         model = build_tiny_model(ModelSpec())
     session.config._metaloom_pool = MatrixPool(settings, base_dir, model, targets)  # type: ignore[attr-defined]
     collector = MatrixCollector.from_parent(session, name="metaloom")
+    if settings.metaloom_real_metal:
+        return collect_real_metal(collector, targets)
     items: list[pytest.Item] = []
     for target in targets.values():
         for scenario in scenarios:
@@ -276,3 +290,134 @@ def collect_matrix(session: pytest.Session, settings: Settings) -> list[pytest.I
                 ScenarioItem.from_parent(collector, name=name, scenario=scenario, target=target)
             )
     return items
+
+
+# ---------------------------------------------------------------------- real Metal mode
+# One item per patch set: no simulated fault, the real limits lowered and the tool loop
+# driven until MLX fails by itself (realmetal.py). Off Apple Silicon every item skips.
+
+REAL_METAL_ID = "real-metal-tool_loop"
+
+
+class RealMetalItem(pytest.Item):
+    def __init__(self, *, target: PatchTarget, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.target = target
+        self.add_marker("metal_oom")
+
+    def reportinfo(self) -> tuple[str, int | None, str]:
+        return ("metaloom", None, self.name)
+
+    def setup(self) -> None:
+        from . import realmetal
+
+        reason = realmetal.metal_unavailable_reason()
+        if reason:
+            pytest.skip(reason)
+        config = self.config
+        if not getattr(config, "_metaloom_sysctl_cleanup", False):
+            # session teardown (also reached on Ctrl-C and on SIGTERM, which the plugin
+            # turns into KeyboardInterrupt) puts back any ceiling still lowered
+            config.add_cleanup(realmetal.restore_all)
+            config._metaloom_sysctl_cleanup = True  # type: ignore[attr-defined]
+
+    def runtest(self) -> None:
+        from . import realmetal
+
+        pool: MatrixPool = self.config._metaloom_pool  # type: ignore[attr-defined]
+        pool.runner(self.target)
+        plan = realmetal.plan_for(pool.settings, pool.model)
+        result = realmetal.run_real_scenario(self.target.server, plan)
+        claimed = self.target.patch_set is None or (
+            result.kind is not None
+            and self.target.patch_set.claims_scenario(
+                result.kind, result.semantics or "sync", "batched", False
+            )
+        )
+        record = build_real_record(self, result, claimed)
+        self.user_properties.append((PROPERTY, json.dumps(record)))
+        for key in ("outcome", "verdict", "patch_set", "claimed"):
+            self.user_properties.append((f"{PROPERTY}_{key}", str(record[key])))
+        context = f"--- server log tail ---\n{result.log_tail}"
+        outcome = result.outcome.outcome
+        if outcome == "not_fired":
+            raise ScenarioFailure(
+                "no real failure happened: this run proved nothing (lower the limits, add "
+                "--metaloom-sysctl, or use a bigger --metaloom-model)",
+                record,
+                context,
+            )
+        if claimed and outcome != "graceful":
+            raise ScenarioFailure(f"real failure not handled: observed {outcome}", record, context)
+        if not claimed and outcome != "graceful":
+            pytest.xfail(f"expected gap (not claimed by {self.target.label}): {outcome}")
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str:
+        exc = excinfo.value
+        if isinstance(exc, ScenarioFailure):
+            record = exc.record
+            lines = [
+                f"{self.name}: {exc}",
+                *(f"  - {reason}" for reason in record["reasons"]),
+                f"turns (status per turn): {record['turns']}",
+                f"limits: {record['limits']}",
+                f"reproduce: {record['reproduce']}",
+                "",
+                exc.context,
+            ]
+            return "\n".join(lines)
+        if isinstance(exc, MatrixSetupError):
+            return f"{self.target.label}: {exc}"
+        return super().repr_failure(excinfo)
+
+
+def build_real_record(item: RealMetalItem, result: Any, claimed: bool) -> dict[str, Any]:
+    """The report record of a real run, in the same shape as a simulated scenario's."""
+    settings: Settings = item.config._metaloom_settings  # type: ignore[attr-defined]
+    outcome = result.outcome.outcome
+    if outcome == "not_fired":
+        verdict = "not fired"
+    elif claimed:
+        verdict = "met" if outcome == "graceful" else "claimed but not met"
+    else:
+        verdict = "unclaimed but graceful" if outcome == "graceful" else "expected gap"
+    argv = ["pytest", "--metal-oom", "--metaloom-real-metal", "-k", REAL_METAL_ID]
+    if item.target.spec is not None:
+        argv += ["--metaloom-patch-set", item.target.spec]
+    if settings.metaloom_sysctl:
+        argv.append("--metaloom-sysctl")
+    if settings.metaloom_model:
+        argv += ["--metaloom-model", settings.metaloom_model]
+    return {
+        "id": REAL_METAL_ID,
+        "nodeid": item.nodeid,
+        "patch_set": item.target.label,
+        "fault": result.kind or "real_metal",
+        "semantics": result.semantics or "real",
+        "path": "batched",
+        "stream": False,
+        "site": "any",
+        "workload": "tool_loop",
+        "outcome": outcome,
+        "expected": "graceful" if claimed else "any (not claimed)",
+        "claimed": claimed,
+        "verdict": verdict,
+        "passed": verdict in ("met", "expected gap", "unclaimed but graceful"),
+        "reasons": result.outcome.reasons,
+        "facts": result.outcome.facts.to_dict(),
+        "timings": {k: round(v, 4) for k, v in result.timings.items()},
+        "guard": bool(result.outcome.facts.behind_guard),
+        "turns": result.turns,
+        "limits": result.limits,
+        "sysctl_mb": result.plan.sysctl_mb,
+        "reproduce": shlex.join(argv),
+    }
+
+
+def collect_real_metal(
+    collector: MatrixCollector, targets: dict[str, PatchTarget]
+) -> list[pytest.Item]:
+    return [
+        RealMetalItem.from_parent(collector, name=f"{REAL_METAL_ID}[{t.label}]", target=t)
+        for t in targets.values()
+    ]

@@ -356,3 +356,15 @@ def run_real_scenario(server: Any, plan: RealMetalPlan | None = None) -> RealRes
         timings=timings,
         log_tail=server.log_tail(30),
     )
+
+
+def plan_for(settings: Any, model: str | Path | None) -> RealMetalPlan:
+    """The plan a ``--metal-oom --metaloom-real-metal`` session runs for each patch set.
+
+    The system ceiling is touched only with ``--metaloom-sysctl``: it is machine-wide.
+    """
+    return RealMetalPlan(
+        sysctl_mb=sysctl_limit_mb(model) if settings.metaloom_sysctl else None,
+        max_turns=DEFAULT_MAX_TURNS,
+        deadline=settings.metaloom_deadline,
+    )

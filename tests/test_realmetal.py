@@ -194,3 +194,100 @@ def test_external_server_is_refused_with_the_reason():
 
     with pytest.raises(realmetal.RealMetalError, match="needs a server that metaloom started"):
         realmetal.run_real_scenario(External())
+
+
+# ---------------------------------------------------------------------- the --metal-oom wiring
+
+PRETEND_MAC_CONFTEST = """
+# Stand-in for a Mac: real Metal mode believes Metal is here. The run itself is real
+# (mlx_lm.server on the CPU backend, the stand-in sysctl on PATH).
+from pytest_metaloom import realmetal
+
+_saved = {{}}
+
+
+def pytest_configure(config):
+    _saved.update(reason=realmetal.metal_unavailable_reason, turns=realmetal.DEFAULT_MAX_TURNS)
+    realmetal.metal_unavailable_reason = lambda: None
+    realmetal.DEFAULT_MAX_TURNS = {turns}
+
+
+def pytest_unconfigure(config):
+    realmetal.metal_unavailable_reason = _saved["reason"]
+    realmetal.DEFAULT_MAX_TURNS = _saved["turns"]
+"""
+
+
+def _writes(state):
+    log = (state.parent / "wired.log").read_text().splitlines()
+    return [line for line in log if "=" in line]
+
+
+@pytest.mark.timeout(240)
+def test_metal_oom_runs_one_real_item_per_patch_set_and_restores_sysctl(
+    pytester, fake_macos, model_dir
+):
+    fake_macos.write_text("36864\n")
+    pytester.makeconftest(PRETEND_MAC_CONFTEST.format(turns=2))
+    report = pytester.path / "real.json"
+    result = pytester.runpytest(
+        "-p",
+        "no:cacheprovider",
+        "--metal-oom",
+        "--metaloom-real-metal",
+        "--metaloom-sysctl",
+        f"--metaloom-report={report}",
+    )
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed") == 1 and "skipped" not in outcomes, result.stdout.str()
+    result.stdout.fnmatch_lines(
+        [
+            "*real-metal-tool_loop?installed?: no real failure happened*",
+            "*- no real failure within 2 turns*",
+            "*turns (status per turn): ?200, 200?*",
+        ]
+    )
+    lowered = realmetal.sysctl_limit_mb(model_dir)
+    assert _writes(fake_macos) == [f"iogpu.wired_limit_mb={lowered}", "iogpu.wired_limit_mb=36864"]
+    assert fake_macos.read_text().strip() == "36864"
+    import json
+
+    (record,) = json.loads(report.read_text())["scenarios"]
+    assert record["outcome"] == "not_fired" and record["verdict"] == "not fired"
+    assert record["sysctl_mb"] == lowered and record["turns"] == [200, 200]
+    assert record["limits"]["wired"]["accepted"] is True
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_sysctl_is_restored_when_the_session_is_interrupted(pytester, fake_macos, signum):
+    import psutil
+
+    fake_macos.write_text("36864\n")
+    pytester.makeconftest(PRETEND_MAC_CONFTEST.format(turns=100000))
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--metal-oom"]
+    argv += ["--metaloom-real-metal", "--metaloom-sysctl"]
+    proc = subprocess.Popen(
+        argv, cwd=pytester.path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 150
+        while fake_macos.read_text().strip() == "36864" and time.monotonic() < deadline:
+            assert proc.poll() is None, "pytest ended before lowering the ceiling"
+            time.sleep(0.1)
+        assert fake_macos.read_text().strip() != "36864", "the ceiling was never lowered"
+        servers = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if any("mlx_lm" in part for part in p.cmdline())
+        ]
+        time.sleep(1.0)  # a few turns are in flight: interrupt mid-drive
+        proc.send_signal(signum)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert fake_macos.read_text().strip() == "36864"
+    assert _writes(fake_macos)[-1] == "iogpu.wired_limit_mb=36864"
+    assert servers and not [p for p in servers if p.is_running() and p.status() != "zombie"]
