@@ -361,3 +361,151 @@ def test_bootstrap_env_paths_and_early_validation(tmp_path: Path) -> None:
         bootstrap_env(tmp_path / "r", faults="cmdbuf_om")
     with pytest.raises(FaultSpecError, match="wired=SIZE or memory=SIZE"):
         bootstrap_env(tmp_path / "r", limits="wird=1GiB")
+
+
+# ---------------------------------------------------------------------- counter filters
+
+
+def _hits(srv: Live, spec: str, **post: Any) -> dict[str, Any]:
+    """Arm ``spec``, send one sequential request, return the point's disarm summary."""
+    srv.inj.arm(spec)
+    srv.post(**{"max_tokens": 12, **post, **SEQ})
+    return srv.inj.disarm()["points"][0]
+
+
+def test_after_evals_and_nth_eval_count_only_matching_evaluations(srv: Live) -> None:
+    # 'off' never fires, so the same request runs to its end and every hit is counted
+    base = "off@site=decode,path=sequential"
+    every = _hits(srv, base, content="count me")["hits"]
+    assert every >= 6, f"too few decode evaluations ({every}) to test the counters"
+    assert _hits(srv, base + ",after_evals=4", content="count me")["hits"] == every - 4
+    assert _hits(srv, base + ",nth_eval=3", content="count me")["hits"] == 1
+    assert _hits(srv, base + f",nth_eval={every + 50}", content="count me")["hits"] == 0
+
+
+def test_nth_eval_fires_on_that_evaluation_only(srv: Live) -> None:
+    since = srv.mark()
+    srv.inj.arm("1*runtime_error@site=decode,path=sequential,nth_eval=3")
+    srv.post(rid="nth-eval", max_tokens=12, **SEQ)
+    fired = srv.inj.wait_for("fired", since=since)
+    summary = srv.inj.disarm()["points"][0]
+    assert fired["request_ids"] == ["nth-eval"]
+    assert summary["hits"] == 1 and summary["fired"] == 1  # evaluations 1 and 2 were no hits
+
+
+def test_nth_request_counts_requests_since_arming(srv: Live) -> None:
+    srv.post(rid="before-arming", **SEQ)  # requests before arming do not count
+    since = srv.mark()
+    srv.inj.arm("1*runtime_error@nth_request=2,path=sequential")
+    assert srv.post(rid="nth-1", **SEQ)[0] == 200
+    assert not _by_event(srv.inj, since, "fired")
+    srv.post(rid="nth-2", **SEQ)
+    assert srv.inj.wait_for("fired", since=since)["request_ids"] == ["nth-2"]
+    assert srv.post(rid="nth-3", **SEQ)[0] == 200  # the count was used up
+
+
+def test_after_requests_fires_from_the_next_request_on(srv: Live) -> None:
+    since = srv.mark()
+    srv.inj.arm("2*runtime_error@after_requests=2,path=sequential")
+    assert [srv.post(rid=f"ar-{i}", **SEQ)[0] for i in (1, 2)] == [200, 200]
+    assert not _by_event(srv.inj, since, "fired")
+    for rid in ("ar-3", "ar-4"):
+        status, body = srv.post(rid=rid, **SEQ)
+        assert status is None or b"choices" not in body  # dropped: no complete answer
+    fired = _by_event(srv.inj, since, "fired")
+    assert [f["request_ids"] for f in fired] == [["ar-3"], ["ar-4"]]
+
+
+def test_after_tokens_waits_for_generated_tokens(srv: Live) -> None:
+    tokens_at_arming = srv.inj.status()["tokens"]
+    since = srv.mark()
+    srv.inj.arm("1*runtime_error@after_tokens=5,site=decode,path=sequential")
+    assert srv.post(rid="few", max_tokens=3, **SEQ)[0] == 200  # at most 3 tokens: no hit
+    assert not _by_event(srv.inj, since, "fired")
+    srv.post(rid="many", max_tokens=32, **SEQ)
+    fired = srv.inj.wait_for("fired", since=since)
+    assert fired["request_ids"] == ["many"]
+    assert fired["tokens"] - tokens_at_arming > 5
+
+
+def _first_loss(seed: int, percent: float) -> int:
+    """Which hit a 'P%off->1*kind' chain fires on: the first draw that 'off' loses."""
+    import random
+
+    rng = random.Random(seed)
+    hit = 1
+    while rng.random() * 100 < percent:
+        hit += 1
+    return hit
+
+
+def test_percent_with_seed_is_reproducible_in_the_live_server(srv: Live) -> None:
+    # seeds whose firing hit is early enough for one request, and differs between them
+    seeds: dict[int, int] = {}
+    for seed in range(1, 500):
+        hit = _first_loss(seed, 60)
+        if 2 <= hit <= 6 and hit not in seeds.values():
+            seeds[seed] = hit
+        if len(seeds) == 2:
+            break
+    observed: dict[int, list[int]] = {}
+    for seed, expected in seeds.items():
+        for attempt in range(2):
+            since = srv.mark()
+            srv.inj.arm(f"60%off->1*runtime_error@site=decode,path=sequential,seed={seed}")
+            srv.post(rid=f"pct-{seed}-{attempt}", max_tokens=24, **SEQ)
+            srv.inj.wait_for("fired", since=since)
+            summary = srv.inj.disarm()["points"][0]
+            assert summary["fired"] == 1
+            observed.setdefault(seed, []).append(summary["hits"])
+        assert observed[seed] == [expected, expected], (seed, observed)
+    assert len({hits[0] for hits in observed.values()}) == 2  # the seed decides
+
+
+# ---------------------------------------------------------------------- start-up limits, stream
+
+
+def test_metaloom_limits_are_applied_at_start_up(model_dir: Path, tmp_path: Path) -> None:
+    env = bootstrap_env(tmp_path, limits="wired=active+64MiB,memory=2GiB")
+    inj = Injector.from_env(env)
+    server = ServerProcess(model=model_dir, env=env, log_dir=tmp_path, name="limits")
+    try:
+        server.start()  # the warm-up completion is the first request: limits apply there
+        event = inj.wait_for("limits", timeout=10)
+        start = inj.wait_for("request_start", timeout=10)
+        snap = inj.snapshot()
+    finally:
+        server.stop()
+    assert event["source"] == "env"
+    assert event["memory"] == {
+        "value": 2 * 2**30,
+        "previous": event["memory"]["previous"],
+        "accepted": True,
+    }
+    active = start["memory"]["active"] + start["memory"]["cache"]
+    assert event["wired"]["accepted"] and event["wired"]["value"] >= 64 * 2**20
+    assert event["wired"]["value"] <= active + 64 * 2**20 + 2**20
+    assert snap["memory_limit"] == 2 * 2**30 and snap["wired_limit"] == event["wired"]["value"]
+    assert not [e for e in inj.events() if e["event"] in ("armed", "fired")]
+
+
+def test_stream_fault_after_tokens_ends_without_done_on_stock(srv: Live) -> None:
+    from pytest_metaloom import workload
+
+    since = srv.mark()
+    srv.inj.arm("1*resource_limit@site=decode,path=sequential,after_tokens=2,request=strm")
+    obs = workload.chat(
+        srv.srv.url,
+        workload.single_turn("stream to me"),
+        request_id="strm",
+        stream=True,
+        max_tokens=16,
+        seed=1,
+        deadline=30,
+    )
+    fired = srv.inj.wait_for("fired", since=since)
+    assert fired["request_ids"] == ["strm"] and fired["site"] == "decode"
+    assert obs.status == 200 and obs.token_events >= 2  # tokens reached the client first
+    assert not obs.done and obs.error_event is None  # then the stream just stopped
+    assert not obs.timed_out
+    assert srv.health() == 200  # the sequential path survives
