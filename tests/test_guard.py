@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +28,7 @@ import pytest
 from pytest_metaloom.guard import Guard, GuardConfigError, guard_command
 from pytest_metaloom.guard.causes import classify_exit
 from pytest_metaloom.guard.cli import main as guard_main
+from pytest_metaloom.guard.watchdog import SEND, Watch, Watchdog
 from pytest_metaloom.guard.worker import worker_argv
 
 pytestmark = pytest.mark.timeout(120)
@@ -233,6 +235,70 @@ def test_guard_command_builds_argv() -> None:
     assert argv[argv.index("--max-restarts") + 1] == "2"
     assert "--no-warmup" in argv
     assert argv[argv.index("--") + 1 :] == ["mlx_lm.server", "--model", "m"]
+
+
+# ---- the watchdog on real sockets ---------------------------------------------------------
+
+
+def test_watchdog_cuts_a_silent_worker_only_when_the_check_says_so() -> None:
+    """A blocked recv wakes as soon as the hang check gives a reason; 'None' buys a new period."""
+    calls: list[float] = []
+    verdicts = iter([None, "hang"])
+
+    def on_hang(w: Watch) -> str | None:
+        calls.append(time.monotonic())
+        return next(verdicts)
+
+    dog = Watchdog(hang_timeout=0.3, client_timeout=60.0, on_hang=on_hang)
+    ours, peer = socket.socketpair()
+    try:
+        w = dog.watch(ours, peer, context=None)
+        t0 = time.monotonic()
+        assert ours.recv(10) == b""  # blocks (no timeout) until the watchdog shuts it down
+        took = time.monotonic() - t0
+        assert w.fired == "hang"
+        assert len(calls) == 2  # healthy once, then cut after a second full silent period
+        assert 0.3 <= calls[0] - t0 < 0.6 and calls[1] - calls[0] >= 0.3, (t0, calls)
+        assert took < 1.2, took
+        dog.unwatch(w)
+    finally:
+        dog.stop()
+        ours.close()
+        peer.close()
+    assert not dog._thread.is_alive()
+
+
+def test_watchdog_cuts_a_client_that_stops_reading() -> None:
+    """A blocking sendall to a client that never reads is bounded by client_timeout."""
+    dog = Watchdog(hang_timeout=0, client_timeout=0.3, on_hang=lambda w: "never called")
+    worker, client = socket.socketpair()  # nobody ever reads from ``worker``
+    try:
+        w = dog.watch(worker, client, context=None)
+        w.since = time.monotonic()
+        w.phase = SEND
+        t0 = time.monotonic()
+        with pytest.raises(OSError):
+            client.sendall(b"x" * (64 * 1024 * 1024))  # far more than the socket buffers hold
+        assert w.client_cut and w.fired is None
+        assert 0.3 <= time.monotonic() - t0 < 1.5
+        dog.unwatch(w)
+    finally:
+        dog.stop()
+        worker.close()
+        client.close()
+
+
+def test_watchdog_sleeps_while_nothing_is_relayed() -> None:
+    """No watches, no wake-ups: the thread waits on its condition until a relay registers."""
+    dog = Watchdog(hang_timeout=0.05, client_timeout=60.0, on_hang=lambda w: None)
+    try:
+        time.sleep(0.2)
+        frame = sys._current_frames()[dog._thread.ident]
+        assert frame.f_code.co_name == "wait" and frame.f_back.f_code.co_name == "_loop"
+        assert frame.f_locals["timeout"] is None  # Condition.wait() without a timeout
+    finally:
+        dog.stop()
+    assert not dog._thread.is_alive()
 
 
 # ---- stand-in worker ----------------------------------------------------------------------

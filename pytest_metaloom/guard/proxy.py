@@ -4,6 +4,9 @@ Raw sockets to the worker (not a client library) so the guard always knows exact
 response already reached the client: nothing yet -> a clean 503; a started SSE stream -> an SSE
 error event and ``[DONE]``. Chunks are written to the client as soon as they arrive (no buffering,
 TCP_NODELAY on both legs), so streams keep their timing.
+
+Both sockets block while a request is relayed (one ``recv`` and one ``send`` per chunk, nothing
+else); the bounds on a silent worker and a stalled client live in ``watchdog.Watchdog``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 from . import probe
 from .causes import Cause, forced_cause
 from .supervisor import Supervisor, WorkerRun
+from .watchdog import RECV, SEND, Watch, Watchdog
 
 # Headers that describe one hop, not the message (RFC 9110 §7.6.1); never forwarded as-is.
 _HOP_BY_HOP = {
@@ -35,6 +39,8 @@ _RECV = 65536
 # How long a handler waits, after its worker socket closed early, for the reaper to confirm a death.
 _DEATH_GRACE = 1.0
 _CONNECT_TIMEOUT = 2.0
+# Bound on reading a request from / writing a response to a slow client.
+_CLIENT_TIMEOUT = 120.0
 
 
 class _ClientGone(Exception):
@@ -80,6 +86,26 @@ class GuardServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], supervisor: Supervisor) -> None:
         self.supervisor = supervisor
         super().__init__(address, GuardHandler)
+        self.watchdog = Watchdog(supervisor.config.hang_timeout, _CLIENT_TIMEOUT, self._on_hang)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.watchdog.stop()
+
+    def _on_hang(self, watch: Watch) -> str | None:
+        """No byte for ``hang_timeout``: if the worker's /health is silent too, kill and restart."""
+        run: WorkerRun = watch.context
+        sup = self.supervisor
+        hang = sup.config.hang_timeout
+        status = probe.request(run.port, sup.config.health_path, timeout=min(5.0, hang))
+        if status == 200:
+            return None
+        kind = "hang" if status is None else "wedged"
+        said = "did not answer" if status is None else f"answered {status}"
+        line = f"no byte from the worker for {hang:g}s and its /health {said}"
+        if run.force_kill(forced_cause(kind, line)):
+            sup.log(f"watchdog: {line}; killing worker pid={run.worker.pid}")
+        return kind
 
 
 class GuardHandler(BaseHTTPRequestHandler):
@@ -88,7 +114,8 @@ class GuardHandler(BaseHTTPRequestHandler):
     server: GuardServer
     protocol_version = "HTTP/1.0"
     server_version = "metaloom-guard"
-    timeout = 120.0  # bound on reading a request from / writing to a slow client
+    timeout = _CLIENT_TIMEOUT  # until the relay starts; then the watchdog bounds the client
+    _watch: Watch | None = None
 
     def setup(self) -> None:
         super().setup()
@@ -114,8 +141,8 @@ class GuardHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             payload += body
         try:
-            self.wfile.write(payload)
-        except OSError:
+            self._write(payload)
+        except _ClientGone:
             pass
 
     def _health(self) -> None:
@@ -194,11 +221,17 @@ class GuardHandler(BaseHTTPRequestHandler):
             if time.monotonic() >= deadline:
                 self._unavailable(run.cause)
                 return
+        watchdog = self.server.watchdog
+        self._watch = watchdog.watch(sock, self.connection, run)
         try:
+            sock.settimeout(None)
+            self.connection.settimeout(None)
             self._relay(run, sock, body)
         except _ClientGone:
             pass
         finally:
+            watchdog.unwatch(self._watch)
+            self._watch = None
             sock.close()
 
     def _connect(self, run: WorkerRun) -> socket.socket | None:
@@ -225,36 +258,37 @@ class GuardHandler(BaseHTTPRequestHandler):
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
     def _write(self, data: bytes) -> None:
+        """Send to the client; while relaying, the watchdog bounds a stalled client."""
+        w = self._watch
+        if w is None:
+            try:
+                self.wfile.write(data)
+            except OSError as exc:
+                raise _ClientGone() from exc
+            return
+        w.since = time.monotonic()  # stamp before phase: the watchdog reads phase first
+        w.phase = SEND
         try:
-            self.wfile.write(data)
+            self.connection.sendall(data)
         except OSError as exc:
             raise _ClientGone() from exc
+        w.since = time.monotonic()
+        w.phase = RECV
 
-    def _recv(self, sock: socket.socket, run: WorkerRun) -> bytes:
-        """Next bytes from the worker; b'' on close; raises _WorkerLost if the watchdog fires."""
-        hang = self.server.supervisor.config.hang_timeout
-        while True:
-            try:
-                return sock.recv(_RECV)
-            except TimeoutError:
-                cause = self._watchdog(run, hang)
-                if cause is None:
-                    continue
-                raise _WorkerLost(cause) from None
-            except OSError:
-                return b""
+    def _recv(self, sock: socket.socket, w: Watch) -> bytes:
+        """Next bytes from the worker; b'' on close; raises _WorkerLost if the watchdog cut it."""
+        try:
+            data = sock.recv(_RECV)
+        except OSError:
+            data = b""
+        if not data and w.fired is not None:
+            raise _WorkerLost(self._lost(w.context))
+        w.since = time.monotonic()
+        return data
 
-    def _watchdog(self, run: WorkerRun, hang: float) -> Cause | None:
-        """No byte for ``hang`` seconds: if the worker's /health is silent too, kill and restart."""
+    def _lost(self, run: WorkerRun) -> Cause | None:
+        """The watchdog killed ``run``: wait (bounded) for the reaper to record why."""
         sup = self.server.supervisor
-        status = probe.request(run.port, sup.config.health_path, timeout=min(5.0, hang))
-        if status == 200:
-            return None
-        kind = "hang" if status is None else "wedged"
-        said = "did not answer" if status is None else f"answered {status}"
-        line = f"no byte from the worker for {hang:g}s and its /health {said}"
-        if run.force_kill(forced_cause(kind, line)):
-            sup.log(f"watchdog: {line}; killing worker pid={run.worker.pid}")
         run.died.wait(sup.config.stop_timeout + 5.0)
         sup.note_dead(run)
         return run.cause
@@ -266,8 +300,8 @@ class GuardHandler(BaseHTTPRequestHandler):
         return None
 
     def _relay(self, run: WorkerRun, sock: socket.socket, body: bytes) -> None:
-        hang = self.server.supervisor.config.hang_timeout
-        sock.settimeout(hang if hang > 0 else None)  # once: each settimeout is a syscall
+        w = self._watch
+        assert w is not None
         try:
             sock.sendall(self._request_bytes(run, body))
         except OSError:
@@ -276,7 +310,7 @@ class GuardHandler(BaseHTTPRequestHandler):
         buf = b""
         try:
             while b"\r\n\r\n" not in buf:
-                chunk = self._recv(sock, run)
+                chunk = self._recv(sock, w)
                 if not chunk:
                     cause = self._confirm_death(run, _DEATH_GRACE)
                     if cause is None:
@@ -303,7 +337,7 @@ class GuardHandler(BaseHTTPRequestHandler):
         head, _, rest = buf.partition(b"\r\n\r\n")
         status, out_head, framing = self._rewrite_head(head)
         self._write(out_head + rest)
-        self._stream_body(run, sock, status, framing, rest)
+        self._stream_body(run, sock, w, status, framing, rest)
 
     def _rewrite_head(self, head: bytes) -> tuple[int, bytes, dict[str, Any]]:
         lines = head.split(b"\r\n")
@@ -334,6 +368,7 @@ class GuardHandler(BaseHTTPRequestHandler):
         self,
         run: WorkerRun,
         sock: socket.socket,
+        w: Watch,
         status: int,
         framing: dict[str, Any],
         first: bytes,
@@ -352,7 +387,7 @@ class GuardHandler(BaseHTTPRequestHandler):
                 # Complete as far as the client is concerned; drain the close without waiting long.
                 return
             try:
-                data = self._recv(sock, run)
+                data = self._recv(sock, w)
             except _WorkerLost as lost:
                 self._end_broken(framing, tail, lost.cause)
                 return
