@@ -31,9 +31,13 @@ class PatchTarget:
     spec: str | None  # None: the installed mlx-lm, held to every claim
     patch_set: Any = None
     overlay: Path | None = None
-    server: Any = None
     runner: Any = None
     error: str | None = None
+
+    @property
+    def server(self) -> Any:
+        """The live server of this target (the runner swaps in a spare after a crash)."""
+        return self.runner.server if self.runner is not None else None
 
     def claims(self, scenario: Any) -> bool:
         if self.patch_set is None:
@@ -54,7 +58,6 @@ class MatrixPool:
         if target.error:
             raise MatrixSetupError(target.error)
         if target.runner is None:
-            from .live import LiveServer
             from .matrix import ScenarioRunner
             from .patchset import build_overlay
 
@@ -64,34 +67,43 @@ class MatrixPool:
                     self.base_dir / "overlays",
                     allow_version_mismatch=self.settings.metaloom_allow_version_mismatch,
                 )
-            run_dir = Path(tempfile.mkdtemp(prefix=f"{target.label}-", dir=self.base_dir))
-            target.server = LiveServer(
-                run_dir=run_dir,
-                model=self.model,
-                command=self.settings.server_command,
-                server_args=self.settings.server_args,
-                overlay=target.overlay,
-                guard=self.settings.metaloom_guard,
-                name=f"server-{target.label}",
-                start_timeout=self.settings.metaloom_start_timeout,
-                ready_timeout=self.settings.metaloom_ready_timeout,
-                stop_timeout=self.settings.metaloom_stop_timeout,
-            )
-            from .fixtures import _STARTED
-
-            _STARTED.add(target.server)
-            target.server.start()
+            server = self._new_server(target)
+            server.start()
+            external = bool(self.settings.metaloom_url)
             target.runner = ScenarioRunner(
-                target.server,
+                server,
                 deadline=self.settings.metaloom_deadline,
                 seed=self.settings.metaloom_seed,
+                make_spare=None if external else (lambda: self._new_server(target)),
             )
         return target.runner
 
+    def _new_server(self, target: PatchTarget) -> Any:
+        from .fixtures import _STARTED
+        from .live import LiveServer
+
+        run_dir = Path(tempfile.mkdtemp(prefix=f"{target.label}-", dir=self.base_dir))
+        server = LiveServer(
+            run_dir=run_dir,
+            model=self.model,
+            command=self.settings.server_command,
+            server_args=self.settings.server_args,
+            overlay=target.overlay,
+            guard=self.settings.metaloom_guard,
+            url=self.settings.metaloom_url,
+            name=f"server-{target.label}",
+            start_timeout=self.settings.metaloom_start_timeout,
+            ready_timeout=self.settings.metaloom_ready_timeout,
+            stop_timeout=self.settings.metaloom_stop_timeout,
+        )
+        _STARTED.add(server)
+        return server
+
     def close(self) -> None:
         for target in self.targets.values():
-            if target.server is not None:
-                target.server.stop()
+            if target.runner is not None:
+                target.runner.close()
+                target.runner.server.stop()
         shutil.rmtree(self.base_dir, ignore_errors=True)
 
 

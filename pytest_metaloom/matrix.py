@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -156,8 +157,14 @@ class ScenarioRunner:
         hang_deadline: float = 4.0,
         seed: int = 0,
         cycles: int = 4,
+        make_spare: Callable[[], Any] | None = None,
     ) -> None:
         self.server = server
+        self.make_spare = make_spare
+        self._spare: Any = None
+        self._spare_thread: threading.Thread | None = None
+        self._spare_error: BaseException | None = None
+        self.retired: list[Any] = []
         self.deadline = deadline
         self.hang_deadline = hang_deadline
         self.seed = seed
@@ -172,6 +179,7 @@ class ScenarioRunner:
     # -- server hygiene ------------------------------------------------------------
     def ensure_clean(self) -> bool:
         """Restart the server if it died, wedged, or still holds an armed fault."""
+        self._start_spare()
         healthy = (
             self.server.is_alive()
             and workload.health(self.server.url) == 200
@@ -184,8 +192,53 @@ class ScenarioRunner:
             except Exception:
                 healthy = False
         if not healthy:
-            self.server.restart()
+            self._replace_server()
         return not healthy
+
+    # A server killed or wedged by a scenario is replaced by a hot spare that was
+    # started (and warmed up) in the background while the scenario ran: restarts then
+    # cost a swap instead of a full interpreter + model start.
+    def _start_spare(self) -> None:
+        if self.make_spare is None or self._spare_thread is not None:
+            return
+
+        def start() -> None:
+            try:
+                spare = self.make_spare()
+                spare.start()
+                self._spare = spare
+            except BaseException as exc:  # reported when the spare is needed
+                self._spare_error = exc
+
+        self._spare_thread = threading.Thread(target=start, name="metaloom-spare", daemon=True)
+        self._spare_thread.start()
+
+    def _replace_server(self) -> None:
+        if self.make_spare is None:
+            self.server.restart()
+            return
+        self._start_spare()
+        assert self._spare_thread is not None
+        self._spare_thread.join(timeout=300)
+        spare, error = self._spare, self._spare_error
+        self._spare = self._spare_error = self._spare_thread = None
+        if spare is None:
+            if error is not None:
+                raise error
+            raise RuntimeError("the spare server did not start within 300 s")
+        old, self.server = self.server, spare
+        old.stop()
+        self.retired.append(old)
+        self._start_spare()
+
+    def close(self) -> None:
+        """Stop the spare (the current server belongs to whoever created it)."""
+        if self._spare_thread is not None:
+            self._spare_thread.join(timeout=300)
+        if self._spare is not None:
+            self._spare.stop()
+        self._spare = None
+        self._spare_thread = None
 
     def _guard_restarts(self) -> int | None:
         if not getattr(self.server, "guard", False):

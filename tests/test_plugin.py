@@ -194,7 +194,9 @@ def test_xdist_runs_the_matrix_with_one_combined_report(pytester):
     result, rows, _ = _run_matrix(
         pytester, "-n", "2", "--metaloom-faults=resource_limit,runtime_error"
     )
-    assert len(rows) == 4
+    from pytest_metaloom.matrix import build_matrix
+
+    assert len(rows) == len(build_matrix(faults=["resource_limit", "runtime_error"]))
     assert {r["outcome"] for r in rows.values()} <= {"wedged", "request_lost"}
 
 
