@@ -1,19 +1,20 @@
 """The graceful-oom patch set against a REAL ``mlx_lm.server`` (tiny model, real HTTP).
 
-The server runs from the patch overlay (checked below). Faults come from a STAND-IN for
-the project injector, written by this test into a ``sitecustomize.py``: it wraps
-``mx.eval`` / ``mx.async_eval`` and raises the exact MLX error text once, when armed
-through a file. It stands in for the Metal failures, which cannot happen on this
-machine. Switch it to ``pytest_metaloom.injector`` once that is committed.
+The server runs from the patch overlay, and faults come from the project's own injector
+(``pytest_metaloom.inject``, armed over its control socket): it raises the exact MLX
+error texts inside the server at the chosen sites. The injector is the stand-in for the
+Metal failures themselves, which cannot happen on this machine. Each test arms one
+fault, checks the answer of the request it hits, then checks that the same process
+keeps serving and (after a GPU failure) answers from a cold prompt cache.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,254 +22,303 @@ from typing import Any
 
 import pytest
 
-from pytest_metaloom import faults
-from pytest_metaloom.patchset import build_overlay, load_patch_set, server_env
-from pytest_metaloom.process import ServerProcess
+from pytest_metaloom import faults, workload
+from pytest_metaloom.live import LiveServer
+from pytest_metaloom.patchset import build_overlay, load_patch_set
+
+pytest_plugins = ["pytester"]
 
 REPO = Path(__file__).resolve().parents[1]
 GRACEFUL = REPO / "patchsets" / "graceful-oom"
-HTTP_TIMEOUT = 30.0
+DEADLINE = 20.0
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(240)
 
-STANDIN_SITECUSTOMIZE = '''\
-"""STAND-IN for the metaloom injector: raise one exact MLX error text from mx.eval.
-
-Armed by writing {"text": ..., "skip": N} to $STANDIN_ARM; the (N+1)-th evaluation after
-arming raises RuntimeError(text) and appends the text to $STANDIN_FIRED.
-"""
-import json
-import os
-
-_ARM = os.environ.get("STANDIN_ARM")
-_FIRED = os.environ.get("STANDIN_FIRED")
-
-if _ARM and _FIRED:
-    import mlx.core as mx
-
-    _state = {"text": None, "skip": 0}
-
-    def _maybe_raise():
-        if os.path.exists(_ARM):
-            with open(_ARM) as f:
-                spec = json.load(f)
-            os.unlink(_ARM)
-            _state.update(text=spec["text"], skip=spec["skip"])
-        if _state["text"] is None:
-            return
-        if _state["skip"] > 0:
-            _state["skip"] -= 1
-            return
-        text, _state["text"] = _state["text"], None
-        with open(_FIRED, "a") as f:
-            f.write(json.dumps(text) + "\\n")
-        raise RuntimeError(text)
-
-    def _wrap(real):
-        def wrapper(*args, **kwargs):
-            _maybe_raise()
-            return real(*args, **kwargs)
-
-        return wrapper
-
-    mx.eval = _wrap(mx.eval)
-    mx.async_eval = _wrap(mx.async_eval)
-'''
-
-
-class Patched:
-    """The running patched server plus the stand-in's arm/fired files."""
-
-    def __init__(self, server: ServerProcess, arm_path: Path, fired_path: Path, env: dict):
-        self.server = server
-        self.arm_path = arm_path
-        self.fired_path = fired_path
-        self.env = env
-
-    def arm(self, text: str, skip: int = 0) -> None:
-        tmp = self.arm_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"text": text, "skip": skip}))
-        os.rename(tmp, self.arm_path)
-
-    def fired(self) -> list[str]:
-        if not self.fired_path.exists():
-            return []
-        return [json.loads(line) for line in self.fired_path.read_text().splitlines()]
-
-    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=HTTP_TIMEOUT)
-        try:
-            payload = json.dumps(body) if body is not None else None
-            headers = {"Content-Type": "application/json"} if body is not None else {}
-            conn.request(method, path, payload, headers)
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
-
-    def complete(self, prompt: str, **extra: Any) -> tuple[int, bytes]:
-        body = {"prompt": prompt, "max_tokens": 8, "temperature": 0.0, **extra}
-        return self.request("POST", "/v1/completions", body)
+# Every kind the patch set claims besides the control case, with its claimed semantics.
+GPU_KINDS = [
+    (name, kind.allowed_semantics[-1])  # "sync" for allocator kinds, "deferred" otherwise
+    for name, kind in faults.FAULT_KINDS.items()
+    if kind.family in ("allocator", "command_buffer")
+]
 
 
 @pytest.fixture(scope="module")
-def patched(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Patched]:
+def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[LiveServer]:
     root = tmp_path_factory.mktemp("graceful-live")
     overlay = build_overlay(load_patch_set(GRACEFUL), root / "overlays")
     assert overlay is not None
-    standin = root / "standin"
-    standin.mkdir()
-    (standin / "sitecustomize.py").write_text(STANDIN_SITECUSTOMIZE)
-    env = server_env(overlay)
-    env["PYTHONPATH"] += os.pathsep + str(standin)
-    env["STANDIN_ARM"] = str(root / "arm.json")
-    env["STANDIN_FIRED"] = str(root / "fired.jsonl")
-    server = ServerProcess(model=model_dir, env=env, log_dir=root / "logs", name="graceful")
+    live = LiveServer(run_dir=root / "run", model=model_dir, overlay=overlay, name="graceful")
     try:
-        server.start()
-        yield Patched(server, root / "arm.json", root / "fired.jsonl", env)
+        live.start()
+        yield live
     finally:
-        server.stop()
+        live.stop()
 
 
-def _usage_cached(raw: bytes) -> int:
-    return json.loads(raw)["usage"]["prompt_tokens_details"]["cached_tokens"]
+@pytest.fixture
+def armed(server: LiveServer) -> Iterator[Any]:
+    """``armed(spec)`` arms a spec and returns the event index to read from; disarms after."""
+
+    def arm(spec: str) -> int:
+        since = len(server.events())
+        server.arm(spec)
+        return since
+
+    yield arm
+    if server.is_alive():
+        server.disarm()
 
 
-def _warm(patched: Patched, prompt: str, **extra: Any) -> None:
+def _chat(server: LiveServer, text: str, path: str, **extra: Any) -> workload.Observation:
+    seed = 1 if path == "sequential" else None  # a seed sends mlx-lm down _serve_single
+    return workload.chat(
+        server.url, workload.single_turn(text), seed=seed, deadline=DEADLINE, **extra
+    )
+
+
+def _fresh(tag: str) -> str:
+    """A prompt never sent before: a cached prompt has no prefill left to fail in."""
+    return f"{tag} {workload.new_request_id('fresh')} " * 4
+
+
+def _warm(server: LiveServer, text: str, path: str) -> int:
     """Two requests: the second must report cached prompt tokens (the cache is warm)."""
     for _ in range(2):
-        status, raw = patched.complete(prompt, **extra)
-        assert status == 200, raw
-    assert _usage_cached(raw) > 0
+        obs = _chat(server, text, path)
+        assert obs.ok, obs.summary()
+    assert (obs.cached_tokens or 0) > 0, obs.summary()
+    return obs.cached_tokens or 0
 
 
-def _assert_alive_and_cold(patched: Patched, prompt: str, **extra: Any) -> None:
-    status, raw = patched.complete(prompt, **extra)
-    assert status == 200, raw
-    assert _usage_cached(raw) == 0, "prompt cache was not reset after the OOM"
-    assert patched.request("GET", "/health")[0] == 200
-    assert patched.server.is_alive()
+def _assert_serving(server: LiveServer, pid: int | None, text: str, path: str, *, cold: bool):
+    obs = _chat(server, text, path)
+    assert obs.ok, obs.summary()
+    if cold:
+        assert obs.cached_tokens == 0, "the prompt cache was not reset after the GPU failure"
+    else:
+        assert (obs.cached_tokens or 0) > 0, "the prompt cache was reset after a non-GPU error"
+    assert workload.health(server.url) == 200
+    assert server.is_alive() and server.pid == pid
 
 
-def _sse_events(raw: bytes) -> list[str]:
-    return [
-        line[len("data: ") :] for line in raw.decode().splitlines() if line.startswith("data: ")
-    ]
+def _event(server: LiveServer, name: str, since: int) -> dict:
+    return server.injector.wait_for(name, since=since, timeout=5.0)
 
 
-def _wait_for_log(patched: Patched, text: str, timeout: float = 5.0) -> bool:
+def _wait_for_log(server: LiveServer, text: str, timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if text in patched.server.log_text():
+        if text in server.log_text():
             return True
         time.sleep(0.05)
     return False
 
 
-def test_the_overlay_is_what_the_server_imports(patched: Patched) -> None:
-    env = {**os.environ, **patched.env}
+def test_the_overlay_is_what_the_server_imports_and_it_knows_every_text(
+    server: LiveServer,
+) -> None:
+    """Also checks the abort wording (no trailing dot), which the live server can't raise."""
+    env = {**os.environ, "PYTHONPATH": str(server.overlay)}
+    texts = {
+        name: [faults.message(name, sem) for sem in kind.allowed_semantics]
+        for name, kind in faults.FAULT_KINDS.items()
+        if kind.family in ("allocator", "command_buffer")
+    }
+    script = textwrap.dedent(
+        """
+        import json, sys
+        import mlx_lm.server as s
+        texts = json.loads(sys.argv[1])
+        codes = {k: [s.gpu_memory_error_code(RuntimeError(t)) for t in v] for k, v in texts.items()}
+        other = s.gpu_memory_error_code(RuntimeError("something else broke"))
+        print(json.dumps({"file": s.__file__, "codes": codes, "other": other}))
+        """
+    )
     out = subprocess.run(
-        [sys.executable, "-c", "import mlx_lm.server as s; print(s.__file__)"],
+        [sys.executable, "-c", script, json.dumps(texts)],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
-    ).stdout.strip()
-    assert out.startswith(patched.env["PYTHONPATH"].split(os.pathsep)[0])
-
-
-OOM_CASES = [
-    ("alloc_too_large", "sync"),
-    ("resource_limit", "sync"),
-    ("unable_to_allocate", "sync"),
-    ("cmdbuf_oom", "deferred"),
-    ("cmdbuf_oom", "abort"),  # the abort wording, raised as an exception
-    ("gpu_timeout", "deferred"),
-    ("gpu_hang", "deferred"),
-    ("gpu_victim", "deferred"),
-    ("invalid_resource", "deferred"),
-]
+    ).stdout
+    found = json.loads(out.strip().splitlines()[-1])
+    assert found["file"].startswith(str(server.overlay))
+    assert found["codes"] == {name: [name] * len(v) for name, v in texts.items()}
+    assert found["other"] is None
 
 
 @pytest.mark.parametrize("path", ["batched", "sequential"])
-@pytest.mark.parametrize(("kind", "semantics"), OOM_CASES)
-def test_oom_answers_503_resets_cache_and_keeps_serving(
-    patched: Patched, kind: str, semantics: str, path: str
+@pytest.mark.parametrize(("kind", "semantics"), GPU_KINDS)
+def test_gpu_failure_answers_503_resets_cache_and_keeps_serving(
+    server: LiveServer, armed: Any, kind: str, semantics: str, path: str
 ) -> None:
-    extra = {"seed": 1} if path == "sequential" else {}
-    prompt = f"{kind} {semantics} {path} " * 12
-    _warm(patched, prompt, **extra)
-    text = faults.message(kind, semantics)
-    patched.arm(text)
-    status, raw = patched.complete(prompt, **extra)
-    assert patched.fired() and patched.fired()[-1] == text, "the stand-in fault did not fire"
-    assert status == 503, raw
-    error = json.loads(raw)["error"]
-    assert error == {"message": text, "type": "server_overloaded", "code": kind}
-    assert _wait_for_log(patched, f"GPU memory failure ({kind}): prompt cache reset")
-    _assert_alive_and_cold(patched, prompt, **extra)
+    site = faults.SITES[[k for k, _ in GPU_KINDS].index(kind) % len(faults.SITES)]
+    text = f"{kind} {semantics} {path} {site} " * 6
+    _warm(server, text, path)
+    pid, rid = server.pid, workload.new_request_id(kind)
+    args = "" if semantics == "sync" else f"({semantics})"
+    since = armed(f"1*{kind}{args}@path={path},site={site},request={rid}")
+    obs = _chat(server, _fresh(kind), path, request_id=rid)
+    raised = _event(server, "fired" if semantics == "sync" else "raised", since)
+    assert raised["kind"] == kind and raised["request_ids"] == [rid]
+    assert obs.status == 503, obs.summary()
+    expected = {"message": raised["message"], "type": "server_overloaded", "code": kind}
+    assert obs.json == {"error": expected}
+    assert _wait_for_log(server, f"GPU memory failure ({kind}): prompt cache reset")
+    _assert_serving(server, pid, text, path, cold=True)
+
+
+@pytest.mark.parametrize("site", faults.SITES)
+@pytest.mark.parametrize("path", ["batched", "sequential"])
+def test_runtime_error_answers_500_and_keeps_the_cache(
+    server: LiveServer, armed: Any, path: str, site: str
+) -> None:
+    text = f"control case {path} {site} " * 6
+    _warm(server, text, path)
+    pid, rid = server.pid, workload.new_request_id("control")
+    since = armed(f"1*runtime_error@path={path},site={site},request={rid}")
+    obs = _chat(server, _fresh("control"), path, request_id=rid)
+    fired = _event(server, "fired", since)
+    assert fired["site"] == site and fired["request_ids"] == [rid]
+    assert obs.status == 500, obs.summary()
+    error = {"message": fired["message"], "type": "server_error", "code": "internal_error"}
+    assert obs.json == {"error": error}
+    _assert_serving(server, pid, text, path, cold=False)  # not a GPU failure: no reset
+
+
+def test_batched_cache_failure_fails_only_the_request_joining_the_batch(
+    server: LiveServer, armed: Any
+) -> None:
+    """The prompt-cache fetch of a request joining a running batch fails (site=cache)."""
+    text = "joining a running batch " * 6
+    warm = _warm(server, text, "batched")
+    pid, rid = server.pid, workload.new_request_id("joiner")
+    since = armed(f"1*resource_limit@path=batched,site=cache,request={rid}")
+
+    def bystander() -> workload.Observation:
+        # Long enough to still be generating when the joiner arrives.
+        return _chat(server, "the quick brown fox, a long bystander", "batched", max_tokens=400)
+
+    def joiner() -> workload.Observation:
+        time.sleep(0.1)
+        return _chat(server, _fresh("joiner"), "batched", request_id=rid)
+
+    running, joined = workload.concurrently([bystander, joiner], timeout=DEADLINE + 5)
+    fired = _event(server, "fired", since)
+    assert fired["site"] == "cache" and fired["path"] == "batched"
+    assert rid in fired["request_ids"] and len(fired["request_ids"]) == 2, (
+        "premise: the bystander was still generating when the joiner's fetch failed"
+    )
+    assert joined.status == 503 and joined.json["error"]["code"] == "resource_limit"
+    assert running.ok, running.summary()
+    assert _wait_for_log(server, "GPU memory failure (resource_limit): prompt cache reset")
+    # The bystander saved its KV after the reset; it shares only the chat-template head.
+    after = _chat(server, text, "batched")
+    assert after.ok and (after.cached_tokens or 0) < warm // 2, after.summary()
+    assert workload.health(server.url) == 200 and server.pid == pid
 
 
 @pytest.mark.parametrize("path", ["batched", "sequential"])
-def test_runtime_error_answers_500_and_keeps_the_cache(patched: Patched, path: str) -> None:
-    extra = {"seed": 1} if path == "sequential" else {}
-    prompt = f"control case {path} " * 12
-    _warm(patched, prompt, **extra)
-    patched.arm("something else broke")
-    status, raw = patched.complete(prompt, **extra)
-    assert status == 500, raw
-    assert json.loads(raw)["error"] == {
-        "message": "something else broke",
-        "type": "server_error",
-        "code": "internal_error",
+def test_deferred_error_fails_the_next_request_not_the_one_whose_work_failed(
+    server: LiveServer, armed: Any, path: str
+) -> None:
+    """A command-buffer failure recorded after request A's last evaluation (at the save of
+    its KV to the prompt cache) surfaces at the next sync point: in request B."""
+    text = f"deferred across requests {path} " * 6
+    _warm(server, text, "sequential")
+    pid = server.pid
+    first, second = workload.new_request_id("a"), workload.new_request_id("b")
+    # A sequential request hits site=cache twice: the fetch (let through) and the insert.
+    since = armed("1*off->1*cmdbuf_oom(deferred)@path=sequential,site=cache")
+    a = _chat(server, text, "sequential", request_id=first)
+    fired = _event(server, "fired", since)
+    assert a.ok, a.summary()
+    assert server.injector.status()["pending"], "the deferred error was raised too early"
+    b = _chat(server, f"an innocent request {path}", path, request_id=second)
+    raised = _event(server, "raised", since)
+    assert fired["kind"] == raised["kind"] == "cmdbuf_oom"
+    assert raised["request_ids"] == [second]
+    assert b.status == 503, b.summary()
+    assert b.json["error"] == {
+        "message": faults.message("cmdbuf_oom", "deferred"),
+        "type": "server_overloaded",
+        "code": "cmdbuf_oom",
     }
-    status, raw = patched.complete(prompt, **extra)
-    assert status == 200 and _usage_cached(raw) > 0  # not an OOM: no reset
-    assert patched.request("GET", "/health")[0] == 200
+    _assert_serving(server, pid, text, "sequential", cold=True)
 
 
 @pytest.mark.parametrize("path", ["batched", "sequential"])
-def test_stream_failing_before_the_first_token_gets_503(patched: Patched, path: str) -> None:
-    extra = {"seed": 1} if path == "sequential" else {}
-    prompt = f"stream early {path} " * 12
-    _warm(patched, prompt, **extra)
-    text = faults.message("cmdbuf_oom", "deferred")
-    patched.arm(text)
-    status, raw = patched.complete(prompt, stream=True, **extra)
-    assert status == 503, raw
-    assert json.loads(raw)["error"]["code"] == "cmdbuf_oom"
-    _assert_alive_and_cold(patched, prompt, **extra)
+def test_stream_failing_before_the_first_token_gets_503(
+    server: LiveServer, armed: Any, path: str
+) -> None:
+    text = f"stream early {path} " * 6
+    _warm(server, text, path)
+    pid, rid = server.pid, workload.new_request_id("early")
+    since = armed(f"1*alloc_too_large@path={path},site=prefill,request={rid}")
+    obs = _chat(server, _fresh("early"), path, request_id=rid, stream=True)
+    _event(server, "fired", since)
+    assert obs.status == 503, obs.summary()
+    assert json.loads(obs.body)["error"]["code"] == "alloc_too_large"
+    _assert_serving(server, pid, text, path, cold=True)
 
 
 @pytest.mark.parametrize("path", ["batched", "sequential"])
 def test_stream_failing_after_tokens_ends_with_error_event_and_done(
-    patched: Patched, path: str
+    server: LiveServer, armed: Any, path: str
 ) -> None:
-    extra = {"seed": 1} if path == "sequential" else {}
-    # A prompt the tiny model answers with visible text (runs of spaces are held back by
-    # the detokenizer and would arrive as one chunk at the end).
-    prompt = f"the quick brown fox, stream late {path}"
-    _warm(patched, prompt, **extra)
-    # Premise: without a fault this prompt streams many chunks, so the fault lands mid-stream.
-    status, raw = patched.complete(prompt, stream=True, max_tokens=48, **extra)
-    assert status == 200 and len(_sse_events(raw)) >= 24, raw
-    text = faults.message("resource_limit", "sync")
-    patched.arm(text, skip=12)
-    status, raw = patched.complete(prompt, stream=True, max_tokens=48, **extra)
-    assert patched.fired()[-1] == text
-    assert status == 200
-    events = _sse_events(raw)
-    assert events[-1] == "[DONE]", events
-    error_events = [e for e in events if '"error"' in e]
-    assert len(error_events) == 1 and events[-2] == error_events[0]
-    assert json.loads(error_events[0])["error"]["code"] == "resource_limit"
-    tokens = [e for e in events[:-2] if json.loads(e).get("choices")]
-    assert tokens, f"the fault fired before any token was streamed: {raw!r}"
-    _assert_alive_and_cold(patched, prompt, **extra)
+    # A prompt the tiny model answers with visible text, so tokens are streamed early.
+    text = f"the quick brown fox, stream late {path}"
+    _warm(server, text, path)
+    pid, rid = server.pid, workload.new_request_id("late")
+    since = armed(f"1*resource_limit@path={path},site=decode,request={rid},after_tokens=6")
+    obs = _chat(
+        server, f"{text}, {_fresh('late')}", path, request_id=rid, stream=True, max_tokens=48
+    )
+    _event(server, "fired", since)
+    assert obs.status == 200 and obs.done and obs.complete, obs.summary()
+    # Byte-honest: the stream ends with exactly one error event and then [DONE].
+    assert obs.body.rstrip().endswith(b"data: [DONE]"), obs.body[-300:]
+    assert obs.error_event is not None and json.loads(obs.sse_data[-1]) == obs.error_event
+    assert sum('"error"' in data for data in obs.sse_data) == 1
+    assert obs.error_event["error"]["code"] == "resource_limit"
+    assert obs.token_events > 0, "the fault fired before any token was streamed"
+    _assert_serving(server, pid, text, path, cold=True)
 
 
-def test_health_is_200_and_no_thread_died(patched: Patched) -> None:
-    assert patched.request("GET", "/health") == (200, b'{"status": "ok"}')
-    assert "generation thread died" not in patched.server.log_text()
+def test_health_is_200_and_no_thread_died(server: LiveServer) -> None:
+    assert workload.health(server.url) == 200
+    assert "generation thread died" not in server.log_text()
+
+
+# -- the matrix, as a user runs it ------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_matrix_cache_site_meets_every_claim(pytester: pytest.Pytester, model_dir: Path) -> None:
+    """``pytest --metal-oom`` on the cache site: claimed rows graceful, abort rows gaps."""
+    result = pytester.runpytest_subprocess(
+        "-p",
+        "no:cacheprovider",
+        "--metal-oom",
+        f"--metaloom-model={model_dir}",
+        f"--metaloom-patch-set={GRACEFUL}",
+        "--metaloom-faults=resource_limit,runtime_error,cmdbuf_oom",
+        "--metaloom-sites=cache",
+        "--metaloom-report=r.json",
+        timeout=150,
+    )
+    report = json.loads((pytester.path / "r.json").read_text())
+    rows = report["scenarios"]
+    claimed = [r for r in rows if r["claimed"]]
+    aborts = [r for r in rows if r["semantics"] == "abort"]
+    assert {r["site"] for r in rows if r["workload"] == "single"} == {"cache"}
+    assert {r["fault"] for r in claimed} == {"resource_limit", "runtime_error", "cmdbuf_oom"}
+    assert any(r["id"] == "resource_limit-sync-batched-nostream-cache" for r in claimed)
+    assert any(r["id"] == "runtime_error-sync-batched-nostream-cache" for r in claimed)
+    bad = [(r["id"], r["outcome"], r["reasons"]) for r in claimed if r["outcome"] != "graceful"]
+    assert not bad, bad
+    assert aborts and all(not r["claimed"] for r in aborts)
+    assert {(r["outcome"], r["verdict"]) for r in aborts} == {("aborted", "expected gap")}
+    assert len(claimed) + len(aborts) == len(rows)
+    result.assert_outcomes(passed=len(claimed), xfailed=len(aborts))
