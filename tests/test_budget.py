@@ -13,6 +13,7 @@ import pytest
 from pytest_metaloom.budget import (
     GB,
     GIB,
+    KV_STEP,
     MIB,
     BudgetError,
     BudgetInputs,
@@ -237,8 +238,8 @@ def test_model_dir_inputs(tiny_model_dir: Path) -> None:
 def test_predicted_kv_growth_matches_mlx(tiny_model_dir: Path) -> None:
     """Multi-turn KV growth measured with MLX's allocator counter vs the budget's prediction.
 
-    Measured in-process (mlx_lm.load + make_prompt_cache + forward passes): the in-server event
-    log that would let a live server report the same counter is not available yet.
+    In-process (mlx_lm.load + make_prompt_cache + forward passes), so the formula is checked
+    without a server; :func:`test_live_server_kv_growth_matches_budget` checks it in one.
     """
     import mlx.core as mx
     from mlx_lm import load
@@ -263,3 +264,131 @@ def test_predicted_kv_growth_matches_mlx(tiny_model_dir: Path) -> None:
         predicted = active_kv_bytes(predicted_per_token, context, 1)
         assert measured == pytest.approx(predicted, rel=0.10), f"turn {turn + 1}"
         assert sum(c.nbytes for c in cache) == pytest.approx(predicted, rel=0.10)
+
+
+# --- the same prediction against a live mlx_lm.server ------------------------------------------
+
+# More layers and KV heads than the default tiny model, float32: 2 KiB of KV per token, so a
+# turn's growth (hundreds of KB) dwarfs any allocator noise, while a turn still takes about a
+# second on a shared CPU.
+LIVE_SPEC = dict(
+    layers=4,
+    hidden_size=64,
+    heads=4,
+    kv_heads=4,
+    intermediate_size=128,
+    dtype="float32",
+    max_position_embeddings=16384,
+)
+LIVE_TURNS = 7
+LIVE_DOCUMENT_WORDS = 130  # about 730 prompt tokens per turn with the tiny tokenizer
+LIVE_MAX_TOKENS = 8
+MIN_SPAN_TOKENS = 10 * 256  # see the step-allocation note in the test
+
+
+@pytest.mark.timeout(240)
+def test_live_server_kv_growth_matches_budget(tmp_path: Path) -> None:
+    """A real server in a tool loop: prompt-cache bytes and active memory grow as budgeted.
+
+    The server runs the injector's event log, whose ``request_end`` events carry the prompt
+    cache (``sequences``, ``bytes``) and MLX's ``active`` counter read inside the server. The
+    requests carry a ``seed`` so they take the sequential path, which keeps one KV cache per
+    conversation and stores it once per request; ``--prompt-cache-size 1`` makes the cache hold
+    just that conversation (with the default of 10 every earlier turn stays as its own entry,
+    because the model's reply diverges from the tool-call message the client sends next; that
+    is how a log reaches "10 sequences").
+    """
+    if importlib.util.find_spec("pytest_metaloom.live") is None:
+        pytest.skip("pytest_metaloom.live not written yet")
+    from pytest_metaloom import workload
+    from pytest_metaloom.live import LiveServer
+    from pytest_metaloom.model import ModelSpec, build_tiny_model
+
+    model_dir = build_tiny_model(ModelSpec(**LIVE_SPEC))  # type: ignore[arg-type]
+    budget = inputs_from_model_dir(model_dir, ceiling=Ceiling(GIB, "test"))
+    kv = budget.kv_bytes_per_token
+    assert kv == 2 * 4 * 4 * 16 * 4
+
+    usages: list[dict] = []
+    with LiveServer(
+        run_dir=tmp_path / "server",
+        model=model_dir,
+        server_args=["--prompt-cache-size", "1"],
+        name="budget-live",
+    ) as server:
+        messages = workload.tool_loop_start()
+        ids = []
+        for turn in range(1, LIVE_TURNS + 1):
+            messages = workload.tool_loop_turn(messages, turn, document_words=LIVE_DOCUMENT_WORDS)
+            rid = workload.new_request_id(f"turn{turn}")
+            obs = workload.chat(
+                server.url,
+                messages,
+                request_id=rid,
+                max_tokens=LIVE_MAX_TOKENS,
+                seed=1,
+                deadline=60.0,
+            )
+            assert obs.ok, f"turn {turn}: {obs.summary()}\n{server.log_tail()}"
+            assert obs.usage is not None, f"turn {turn} reported no usage"
+            usages.append(obs.usage)
+            ids.append(rid)
+        # The handler thread logs request_end after it sent the answer: wait for it (bounded).
+        for rid in ids:
+            server.injector.wait_for(
+                "request_end", lambda e, rid=rid: e.get("request_id") == rid, timeout=10.0
+            )
+        events = server.events()
+
+    starts = [e for e in events if e["event"] == "request_start"]
+    ends = {e["request_id"]: e for e in events if e["event"] == "request_end"}
+    missing = [rid for rid in ids if rid not in ends]
+    assert not missing, f"no request_end event for {missing}"
+    after = [ends[rid] for rid in ids]
+    # Weights: before the first request (the warm-up) MLX holds only the model.
+    assert starts[0]["memory"]["active"] == pytest.approx(budget.weights_bytes, rel=0.10)
+
+    # The server writes its cache back right after queueing the end of the answer, while the
+    # handler thread sends it: check request_end saw that write by comparing it with the next
+    # request's request_start, which the generation thread emits strictly after it.
+    next_start = {e["request_id"]: e for e in starts}
+    for rid, following in zip(ids, ids[1:], strict=False):
+        assert ends[rid]["cache"] == next_start[following]["cache"], (
+            f"request_end of {rid} read the prompt cache before the server stored the turn"
+        )
+    assert all(e["cache"]["sequences"] == 1 for e in after), [e["cache"] for e in after]
+
+    # Tokens the conversation holds after each turn: prompt plus the reply.
+    context = [u["prompt_tokens"] + u["completion_tokens"] for u in usages]
+    cache_bytes = [e["cache"]["bytes"] for e in after]
+    active = [e["memory"]["active"] for e in after]
+
+    # Step allocation: KVCache grows its buffers 256 tokens at a time (and, when it grows after
+    # a trim, first cuts the buffer back to the tokens it holds), so after any turn the buffer
+    # holds between 0 and 256 tokens of unused room. The growth between two turns can
+    # therefore differ from kv x tokens-added by up to 256 tokens' worth in either direction
+    # (the first turn alone shows it: its ~790 tokens sit in a 1025-token buffer). Per turn
+    # that is the bound; over a span of N >= 2560 tokens it is at most 256/N <= 10%, and the
+    # mean growth per turn over the span is what the budget's per-token figure must predict.
+    slack = (KV_STEP + 1) * kv
+    for k in range(1, LIVE_TURNS):
+        added = context[k] - context[k - 1]
+        for name, series in (("prompt cache bytes", cache_bytes), ("memory.active", active)):
+            growth = series[k] - series[k - 1]
+            assert abs(growth - kv * added) <= slack, (
+                f"turn {k + 1}: {name} grew {growth} B for {added} tokens, "
+                f"budget predicts {kv * added:.0f} B (+/- one {KV_STEP}-token step)"
+            )
+    span_tokens = context[-1] - context[0]
+    assert span_tokens >= MIN_SPAN_TOKENS, (
+        f"only {span_tokens} tokens between first and last turn: raise LIVE_DOCUMENT_WORDS "
+        "or LIVE_TURNS so the 256-token step stays under 10%"
+    )
+    turns = LIVE_TURNS - 1
+    predicted_per_turn = kv * span_tokens / turns
+    for name, series in (("prompt cache bytes", cache_bytes), ("memory.active", active)):
+        per_turn = (series[-1] - series[0]) / turns
+        assert per_turn == pytest.approx(predicted_per_turn, rel=0.10), name
+    # Nothing but the prompt cache grows: the rest of active memory stays put across turns.
+    rest = [a - c for a, c in zip(active, cache_bytes, strict=True)]
+    assert max(rest) - min(rest) <= slack, rest
