@@ -6,6 +6,7 @@ import gc
 import importlib.util
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -283,20 +284,28 @@ LIVE_SPEC = dict(
 LIVE_TURNS = 7
 LIVE_DOCUMENT_WORDS = 130  # about 730 prompt tokens per turn with the tiny tokenizer
 LIVE_MAX_TOKENS = 8
-MIN_SPAN_TOKENS = 10 * 256  # see the step-allocation note in the test
+MIN_SPAN_TOKENS = 10 * KV_STEP  # see the step-allocation note below
 
 
-@pytest.mark.timeout(240)
-def test_live_server_kv_growth_matches_budget(tmp_path: Path) -> None:
-    """A real server in a tool loop: prompt-cache bytes and active memory grow as budgeted.
+@dataclass
+class ToolLoop:
+    """What a live tool loop left behind: the budget's inputs, usages and in-server events."""
+
+    kv: float
+    weights_bytes: int
+    context: list[int]  # tokens the conversation holds after each turn: prompt + reply
+    after: list[dict]  # the request_end event of each turn
+    starts: list[dict]  # every request_start event, warm-up first
+    ids: list[str]
+
+
+def run_tool_loop(run_dir: Path, server_args: list[str], turns: int) -> ToolLoop:
+    """Start a real server, drive a ``turns``-turn tool loop through it, stop it, return facts.
 
     The server runs the injector's event log, whose ``request_end`` events carry the prompt
     cache (``sequences``, ``bytes``) and MLX's ``active`` counter read inside the server. The
     requests carry a ``seed`` so they take the sequential path, which keeps one KV cache per
-    conversation and stores it once per request; ``--prompt-cache-size 1`` makes the cache hold
-    just that conversation (with the default of 10 every earlier turn stays as its own entry,
-    because the model's reply diverges from the tool-call message the client sends next; that
-    is how a log reaches "10 sequences").
+    request and stores it in the prompt cache once, at the end.
     """
     if importlib.util.find_spec("pytest_metaloom.live") is None:
         pytest.skip("pytest_metaloom.live not written yet")
@@ -306,19 +315,13 @@ def test_live_server_kv_growth_matches_budget(tmp_path: Path) -> None:
 
     model_dir = build_tiny_model(ModelSpec(**LIVE_SPEC))  # type: ignore[arg-type]
     budget = inputs_from_model_dir(model_dir, ceiling=Ceiling(GIB, "test"))
-    kv = budget.kv_bytes_per_token
-    assert kv == 2 * 4 * 4 * 16 * 4
-
     usages: list[dict] = []
+    ids: list[str] = []
     with LiveServer(
-        run_dir=tmp_path / "server",
-        model=model_dir,
-        server_args=["--prompt-cache-size", "1"],
-        name="budget-live",
+        run_dir=run_dir, model=model_dir, server_args=server_args, name="budget-live"
     ) as server:
         messages = workload.tool_loop_start()
-        ids = []
-        for turn in range(1, LIVE_TURNS + 1):
+        for turn in range(1, turns + 1):
             messages = workload.tool_loop_turn(messages, turn, document_words=LIVE_DOCUMENT_WORDS)
             rid = workload.new_request_id(f"turn{turn}")
             obs = workload.chat(
@@ -342,34 +345,51 @@ def test_live_server_kv_growth_matches_budget(tmp_path: Path) -> None:
 
     starts = [e for e in events if e["event"] == "request_start"]
     ends = {e["request_id"]: e for e in events if e["event"] == "request_end"}
-    missing = [rid for rid in ids if rid not in ends]
-    assert not missing, f"no request_end event for {missing}"
-    after = [ends[rid] for rid in ids]
-    # Weights: before the first request (the warm-up) MLX holds only the model.
-    assert starts[0]["memory"]["active"] == pytest.approx(budget.weights_bytes, rel=0.10)
-
-    # The server writes its cache back right after queueing the end of the answer, while the
-    # handler thread sends it: check request_end saw that write by comparing it with the next
-    # request's request_start, which the generation thread emits strictly after it.
+    # The server stores the turn's cache right after queueing the end of the answer, while the
+    # handler thread sends it: check that request_end saw that store by comparing it with the
+    # next request's request_start, which the generation thread emits strictly after it.
     next_start = {e["request_id"]: e for e in starts}
     for rid, following in zip(ids, ids[1:], strict=False):
         assert ends[rid]["cache"] == next_start[following]["cache"], (
             f"request_end of {rid} read the prompt cache before the server stored the turn"
         )
-    assert all(e["cache"]["sequences"] == 1 for e in after), [e["cache"] for e in after]
+    return ToolLoop(
+        kv=budget.kv_bytes_per_token,
+        weights_bytes=budget.weights_bytes,
+        context=[u["prompt_tokens"] + u["completion_tokens"] for u in usages],
+        after=[ends[rid] for rid in ids],
+        starts=starts,
+        ids=ids,
+    )
 
-    # Tokens the conversation holds after each turn: prompt plus the reply.
-    context = [u["prompt_tokens"] + u["completion_tokens"] for u in usages]
-    cache_bytes = [e["cache"]["bytes"] for e in after]
-    active = [e["memory"]["active"] for e in after]
 
-    # Step allocation: KVCache grows its buffers 256 tokens at a time (and, when it grows after
-    # a trim, first cuts the buffer back to the tokens it holds), so after any turn the buffer
-    # holds between 0 and 256 tokens of unused room. The growth between two turns can
-    # therefore differ from kv x tokens-added by up to 256 tokens' worth in either direction
-    # (the first turn alone shows it: its ~790 tokens sit in a 1025-token buffer). Per turn
-    # that is the bound; over a span of N >= 2560 tokens it is at most 256/N <= 10%, and the
-    # mean growth per turn over the span is what the budget's per-token figure must predict.
+# Step allocation: KVCache grows its buffers 256 tokens at a time (and, when it grows after a
+# trim, first cuts the buffer back to the tokens it holds), so after any turn a sequence's buffer
+# has between 0 and 256 tokens of unused room. The growth between two turns can therefore differ
+# from kv x tokens-added by up to one step's worth in either direction (the first turn shows
+# it: its ~790 tokens sit in a 1025-token buffer). Per turn that is the bound we assert; over a
+# span of N >= 2560 tokens it is at most 256/N <= 10%, so the mean growth per turn over the
+# span is what the budget's per-token figure must predict within 10%.
+
+
+@pytest.mark.timeout(240)
+def test_live_server_kv_growth_matches_budget(tmp_path: Path) -> None:
+    """A real server in a tool loop: prompt-cache bytes and active memory grow as budgeted.
+
+    ``--prompt-cache-size 1`` makes the prompt cache hold just this conversation, so its growth
+    per turn is the KV of the tokens the turn added (the default keeps every turn: see
+    :func:`test_live_default_prompt_cache_keeps_every_turn`).
+    """
+    loop = run_tool_loop(tmp_path / "server", ["--prompt-cache-size", "1"], LIVE_TURNS)
+    kv = loop.kv
+    assert kv == 2 * 4 * 4 * 16 * 4
+    # Weights: before the first request (the warm-up) MLX holds only the model.
+    assert loop.starts[0]["memory"]["active"] == pytest.approx(loop.weights_bytes, rel=0.10)
+    assert all(e["cache"]["sequences"] == 1 for e in loop.after), [e["cache"] for e in loop.after]
+
+    context = loop.context
+    cache_bytes = [e["cache"]["bytes"] for e in loop.after]
+    active = [e["memory"]["active"] for e in loop.after]
     slack = (KV_STEP + 1) * kv
     for k in range(1, LIVE_TURNS):
         added = context[k] - context[k - 1]
@@ -392,3 +412,35 @@ def test_live_server_kv_growth_matches_budget(tmp_path: Path) -> None:
     # Nothing but the prompt cache grows: the rest of active memory stays put across turns.
     rest = [a - c for a, c in zip(active, cache_bytes, strict=True)]
     assert max(rest) - min(rest) <= slack, rest
+
+
+@pytest.mark.timeout(240)
+def test_live_default_prompt_cache_keeps_every_turn(tmp_path: Path) -> None:
+    """With the default ``--prompt-cache-size`` (10) each turn stays as a whole sequence.
+
+    The model's reply diverges from the tool-call message the client sends next, so a turn's
+    cached sequence is never a prefix of the next one and is not dropped: one conversation fills
+    the cache with copies of itself, each as long as the context was. That is how a tool loop
+    reaches "10 sequences" and why the budget's estimate without ``--prompt-cache-bytes`` is
+    sequences x context x KV bytes/token.
+    """
+    turns = 4
+    loop = run_tool_loop(tmp_path / "server", [], turns)
+    kv = loop.kv
+    # Before turn 1 the cache holds the warm-up request's sequence, which stays too.
+    (warmup,) = [e["cache"] for e in loop.starts if e["request_id"] == loop.ids[0]]
+    assert warmup["sequences"] == 1
+    sequences = [e["cache"]["sequences"] for e in loop.after]
+    assert sequences == [warmup["sequences"] + k for k in range(1, turns + 1)]
+    cache_bytes = [warmup["bytes"]] + [e["cache"]["bytes"] for e in loop.after]
+    for k in range(turns):
+        growth = cache_bytes[k + 1] - cache_bytes[k]
+        whole = kv * loop.context[k]
+        # -1 token: the reply's last token is returned but never run through the model.
+        assert -kv <= growth - whole <= KV_STEP * kv, (
+            f"turn {k + 1}: the cache grew {growth} B; a whole {loop.context[k]}-token "
+            f"sequence is {whole:.0f} B (+ less than one {KV_STEP}-token step)"
+        )
+    total_tokens = sum(loop.context)
+    held = cache_bytes[-1] - cache_bytes[0]
+    assert held == pytest.approx(kv * total_tokens, rel=0.10)
