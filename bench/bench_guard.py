@@ -227,10 +227,13 @@ def bench_death_to_503(standin: list[str], tmp: Path, n: int) -> float:
     with guard_proc(standin, tmp / "d503", warmup=False, max_restarts=n + 1, backoff=0.01) as gp:
         for _ in range(n):
             wait_until(lambda: request(gp, "GET", "/health", timeout=2)[0] == 200, 30)
+            # The dying worker's log, named now: by the time the 503 arrives the guard may
+            # already have started the next worker, and status() names that one's log.
+            log_path = Path(status(gp)["worker_log"])
             code, _ = request(gp, "POST", "/v1/completions", {"die_in": 0.2})
             got = time.time()
             assert code == 503, code
-            log = Path(status(gp)["worker_log"]).read_text()
+            log = log_path.read_text()
             death = float(log.split("death_at=")[1].split()[0])
             delays.append((got - death) * 1000)
     return statistics.median(delays)
@@ -288,8 +291,10 @@ def bench_restart(model: Path, tmp: Path, rounds: int) -> Paired:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
-    ap.add_argument("--tokens", type=int, default=256, help="tokens per streamed completion")
-    ap.add_argument("--stream-rounds", type=int, default=0, help="stream pairs (default 30)")
+    # Many short pairs beat few long ones: the two halves of a pair run closer together in time,
+    # so a burst of load from elsewhere on the machine is likelier to hit both.
+    ap.add_argument("--tokens", type=int, default=128, help="tokens per streamed completion")
+    ap.add_argument("--stream-rounds", type=int, default=0, help="stream pairs (default 60)")
     ap.add_argument("--restart-rounds", type=int, default=0, help="restart pairs (default 6)")
     args = ap.parse_args()
     from pytest_metaloom.model import ModelSpec, build_tiny_model
@@ -303,7 +308,7 @@ def main() -> int:
         standin = [sys.executable, str(script), "{port}"]
         q = args.quick
         tp, cpu_share = bench_throughput(
-            model, tmp, args.stream_rounds or (6 if q else 30), args.tokens
+            model, tmp, args.stream_rounds or (10 if q else 60), args.tokens
         )
         lat_d, lat_g, lat_added = bench_latency(standin, tmp, 50 if q else 300)
         d503 = bench_death_to_503(standin, tmp, 5 if q else 15)

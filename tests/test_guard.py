@@ -102,6 +102,8 @@ STANDIN_SRC = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGSEGV)
             if behave == "hang":
                 time.sleep(300)
+            if behave == "busy":  # single-threaded: new connections pile up in the backlog
+                time.sleep(float(req.get("secs", 1.0)))
             if not req.get("stream"):
                 self._json(200, {"pid": os.getpid(), "echo": req.get("prompt")})
                 return
@@ -465,6 +467,26 @@ def test_queue_timeout_lets_burst_wait_for_restart(guards, standin) -> None:
     assert call(g.url, "/v1/completions", {"behave": "abort_before"})[0] == 503
     results = _burst(g.url, 20)
     assert [c for c, _ in results] == [200] * 20, results
+
+
+def test_queue_timeout_retries_a_live_worker_with_a_full_backlog(guards, standin) -> None:
+    """Connects that time out against a busy, live worker are retried, not answered with 502.
+
+    The STAND-IN serves one request at a time with a listen backlog of 5; while it is busy for
+    3 s, most of a 20-request burst cannot even connect (the kernel drops their SYNs and the
+    guard's 2 s connect timeout expires). Nothing was sent yet, so retrying is safe.
+    """
+    g = guards(standin, queue_timeout=15)
+    assert g.wait_serving(20)
+    busy = threading.Thread(
+        target=call, args=(g.url, "/v1/completions", {"behave": "busy", "secs": 3})
+    )
+    busy.start()
+    time.sleep(0.3)
+    results = _burst(g.url, 20)
+    busy.join(30)
+    assert [c for c, _ in results] == [200] * 20, results
+    assert g.status()["restarts"] == 0
 
 
 # ---- the guard as its own process: signals --------------------------------------------------

@@ -213,6 +213,8 @@ class GuardHandler(BaseHTTPRequestHandler):
                 break
             # Refused before anything was sent: safe to wait for the next worker, if allowed.
             if not run.died.wait(_DEATH_GRACE):
+                if time.monotonic() < deadline:
+                    continue  # alive but its backlog is full (SYNs dropped): connect again
                 self._send_json(
                     502, error_body("bad_gateway", "worker refused the connection", "refused")
                 )

@@ -62,7 +62,7 @@ class Watchdog:
         self.hang_timeout = hang_timeout
         self.client_timeout = client_timeout
         self._on_hang = on_hang
-        shortest = min(t for t in (hang_timeout, client_timeout) if t > 0)
+        shortest = min((t for t in (hang_timeout, client_timeout) if t > 0), default=10 * _MAX_TICK)
         self._tick = max(_MIN_TICK, min(_MAX_TICK, shortest / 10))
         self._watches: set[Watch] = set()
         self._cond = threading.Condition()
