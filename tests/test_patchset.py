@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from pytest_metaloom.patchset import (
 REPO = Path(__file__).resolve().parents[1]
 GRACEFUL = REPO / "patchsets" / "graceful-oom"
 GRACEFUL_DIFF = GRACEFUL / "0001-server-graceful-gpu-oom.diff"
+
+pytest_plugins = ["pytester"]
 
 GOOD_MANIFEST = """
 name = "demo"
@@ -368,3 +371,71 @@ def test_check_main_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert patchset_check_main([str(tmp_path / "missing.diff")]) == 1
     assert "not found" in capsys.readouterr().err
     assert patchset_check_main(["stock"]) == 0
+
+
+# -- the installed mlx-lm against the reference set's base (tox -e mlx031 runs these) ----
+
+
+def _installed_fits_the_reference_base() -> bool:
+    return load_patch_set(GRACEFUL).base_specifier.contains(installed_mlx_lm()[1])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(
+    _installed_fits_the_reference_base(),
+    reason="needs an mlx-lm outside graceful-oom's base 0.32.2 (run tox -e mlx031)",
+)
+def test_matrix_refuses_the_reference_set_off_its_base(
+    pytester: pytest.Pytester, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A clear base-version error on the set's scenarios, not a crash of the session."""
+    _, version = installed_mlx_lm()
+    expected = (
+        f"patch set graceful-oom is for mlx-lm 0.32.2, installed is {version}; install the "
+        "matching mlx-lm or pass --metaloom-allow-version-mismatch"
+    )
+    result = pytester.runpytest_subprocess(
+        "-p",
+        "no:cacheprovider",
+        "--metal-oom",
+        f"--metaloom-patch-set={GRACEFUL}",
+        "--metaloom-faults=runtime_error",
+        "--metaloom-paths=sequential",
+        timeout=90,
+    )
+    output = result.stdout.str() + result.stderr.str()
+    assert "INTERNALERROR" not in output, output
+    assert f"PatchSetError: {expected}" in output
+    # One scenario (runtime_error, sequential, one site and stream mode), failed, not run.
+    result.assert_outcomes(failed=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    assert patchset_check_main([str(GRACEFUL)]) == 1
+    assert capsys.readouterr().err.strip() == f"metaloom patchset check: error: {expected}"
+
+
+@pytest.mark.timeout(120)
+def test_default_command_buffer_semantics_follow_the_installed_mlx(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """Why the set's base says ``deferred``: below mlx 0.32 the same fault kills the process."""
+    import mlx.core as mx
+
+    from pytest_metaloom import workload
+    from pytest_metaloom.live import LiveServer
+
+    expected = faults.default_semantics(mx.__version__)
+    with LiveServer(run_dir=tmp_path / "run", model=model_dir, name="semantics") as server:
+        started = server.injector.wait_for("started", timeout=5.0)
+        assert started["semantics_default"] == expected
+        server.arm("1*cmdbuf_oom@path=sequential")  # no semantics given: the version default
+        obs = workload.chat(server.url, workload.single_turn("hi"), seed=1, deadline=20)
+        fired = server.injector.wait_for("fired", timeout=5.0)
+        assert fired["semantics"] == expected
+        if expected == "abort":
+            deadline = time.monotonic() + 10
+            while server.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.returncode == -6 and not obs.ok
+            assert faults.abort_line(faults.message("cmdbuf_oom", "abort")) in server.log_text()
+        else:
+            assert server.is_alive() and obs.status != 200  # stock: request lost, not killed
