@@ -59,14 +59,18 @@ class MatrixPool:
             raise MatrixSetupError(target.error)
         if target.runner is None:
             from .matrix import ScenarioRunner
-            from .patchset import build_overlay
+            from .patchset import PatchSetError, build_overlay
 
             if target.patch_set is not None and target.overlay is None:
-                target.overlay = build_overlay(
-                    target.patch_set,
-                    self.base_dir / "overlays",
-                    allow_version_mismatch=self.settings.metaloom_allow_version_mismatch,
-                )
+                try:
+                    target.overlay = build_overlay(
+                        target.patch_set,
+                        self.base_dir / "overlays",
+                        allow_version_mismatch=self.settings.metaloom_allow_version_mismatch,
+                    )
+                except PatchSetError as exc:
+                    target.error = str(exc)  # every scenario of this set reports it once
+                    raise MatrixSetupError(target.error) from None
             server = self._new_server(target)
             server.start()
             external = bool(self.settings.metaloom_url)

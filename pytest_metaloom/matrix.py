@@ -401,7 +401,9 @@ class ScenarioRunner:
                 time.sleep(0.05)  # bystanders are in flight first: the blast radius
             return workload.chat(
                 url,
-                workload.single_turn("Explain why GPUs run out of memory."),
+                # unique per request: a prompt cached by an earlier scenario would
+                # leave nothing to prefill, and a prefill fault would never fire
+                workload.single_turn(f"Explain why GPUs run out of memory ({rid})."),
                 request_id=rid,
                 stream=scenario.stream,
                 max_tokens=8,
