@@ -20,6 +20,7 @@ import pytest
 from .config import Settings
 
 PROPERTY = "metaloom"
+HANG_DEADLINE = 4.0  # seconds a `hang` scenario waits for any answer
 IMPLICIT = "installed"
 
 
@@ -76,6 +77,7 @@ class MatrixPool:
             external = bool(self.settings.metaloom_url)
             target.runner = ScenarioRunner(
                 server,
+                hang_deadline=HANG_DEADLINE,
                 deadline=self.settings.metaloom_deadline,
                 seed=self.settings.metaloom_seed,
                 make_spare=None if external else (lambda: self._new_server(target)),
@@ -94,6 +96,10 @@ class MatrixPool:
             server_args=self.settings.server_args,
             overlay=target.overlay,
             guard=self.settings.metaloom_guard,
+            # the matrix kills the worker on purpose, many times a minute: lift the
+            # production restart cap, and let the watchdog turn a hang into a restart
+            # well within the scenario's hang deadline
+            guard_options={"max_restarts": 10_000, "hang_timeout": HANG_DEADLINE / 4},
             url=self.settings.metaloom_url,
             name=f"server-{target.label}",
             start_timeout=self.settings.metaloom_start_timeout,

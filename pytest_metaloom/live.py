@@ -37,6 +37,7 @@ class LiveServer:
         limits: str | None = None,
         overlay: str | Path | None = None,
         guard: bool = False,
+        guard_options: Mapping[str, Any] | None = None,
         url: str | None = None,
         name: str = "mlx-server",
         start_timeout: float = DEFAULT_START_TIMEOUT,
@@ -50,6 +51,7 @@ class LiveServer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model = Path(model) if model is not None else None
         self.guard = guard
+        self.guard_options = dict(guard_options or {})
         self.overlay = Path(overlay) if overlay is not None else None
         self.injector: Any = None
         if url is not None:
@@ -91,7 +93,7 @@ class LiveServer:
         else:
             worker = list(command)
         worker = [part.replace("{python}", sys.executable) for part in worker]
-        return guard_command([*worker, *server_args], port="{port}"), []
+        return guard_command([*worker, *server_args], port="{port}", **self.guard_options), []
 
     # -- delegation ----------------------------------------------------------------
     @property

@@ -215,3 +215,23 @@ def test_guard_turns_stock_aborts_into_graceful_restarts(pytester):
         assert facts["worker_restarted"] and facts["status"] == 503 and facts["alive"]
         assert row["guard"] is True
     assert result.ret == pytest.ExitCode.OK
+
+
+def test_guard_with_the_reference_patch_set_makes_every_kind_graceful(pytester):
+    """In-process where the patch handles it, by restart where it cannot (abort, hang)."""
+    from pathlib import Path
+
+    graceful = Path(__file__).parents[1] / "patchsets" / "graceful-oom"
+    result, rows, _ = _run_matrix(
+        pytester,
+        "--metaloom-guard",
+        f"--metaloom-patch-set={graceful}",
+        "--metaloom-faults=cmdbuf_oom,resource_limit,hang",
+        "--metaloom-paths=batched",
+        "--metaloom-stream=stream",
+    )
+    assert rows
+    for row in rows.values():
+        assert row["outcome"] == "graceful", row
+        restarted = row["facts"]["worker_restarted"]
+        assert restarted == (row["semantics"] == "abort" or row["fault"] == "hang"), row

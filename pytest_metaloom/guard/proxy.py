@@ -99,9 +99,22 @@ class GuardServer(ThreadingHTTPServer):
         hang = sup.config.hang_timeout
         status = probe.request(run.port, sup.config.health_path, timeout=min(5.0, hang))
         if status == 200:
-            return None
-        kind = "hang" if status is None else "wedged"
-        said = "did not answer" if status is None else f"answered {status}"
+            # /health only says the HTTP threads live; a generation thread stuck in an
+            # evaluation leaves it at 200. A one-token completion proves generation.
+            generated = probe.request(
+                run.port,
+                sup.config.warmup_path,
+                method="POST",
+                body=sup.config.warmup_body,
+                timeout=min(5.0, hang),
+            )
+            if generated == 200:
+                return None
+            kind = "hang"
+            said = "answers 200 but a one-token completion did not finish"
+        else:
+            kind = "hang" if status is None else "wedged"
+            said = "did not answer" if status is None else f"answered {status}"
         line = f"no byte from the worker for {hang:g}s and its /health {said}"
         if run.force_kill(forced_cause(kind, line)):
             sup.log(f"watchdog: {line}; killing worker pid={run.worker.pid}")
