@@ -67,8 +67,9 @@ def _measure_all(model: Path, args: argparse.Namespace, work: Path) -> dict[str,
         Injector.from_env(envs["armed"]).arm(NEVER_FIRES)
         for m in modes:
             _round(servers[m].port, prompts, args.max_tokens)  # warm-up
-        for _ in range(args.reps):
-            for m in modes:
+        for rep in range(args.reps):
+            # rotate the order each round: no mode always runs first (or last)
+            for m in modes[rep % len(modes) :] + modes[: rep % len(modes)]:
                 rates[m].append(_round(servers[m].port, prompts, args.max_tokens))
         if Injector.from_env(envs["armed"]).disarm()["fired"]:
             raise RuntimeError("the never-firing trigger fired; the benchmark is invalid")
