@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -158,12 +158,13 @@ class ScenarioRunner:
         seed: int = 0,
         cycles: int = 4,
         make_spare: Callable[[], Any] | None = None,
+        spares: int = 2,
     ) -> None:
         self.server = server
         self.make_spare = make_spare
-        self._spare: Any = None
-        self._spare_thread: threading.Thread | None = None
-        self._spare_error: BaseException | None = None
+        self.spares = spares
+        self._pool: list[Future[Any]] = []
+        self._executor: ThreadPoolExecutor | None = None
         self.retired: list[Any] = []
         self.deadline = deadline
         self.hang_deadline = hang_deadline
@@ -199,46 +200,39 @@ class ScenarioRunner:
     # started (and warmed up) in the background while the scenario ran: restarts then
     # cost a swap instead of a full interpreter + model start.
     def _start_spare(self) -> None:
-        if self.make_spare is None or self._spare_thread is not None:
+        """Keep ``spares`` servers starting (or started) in the background."""
+        if self.make_spare is None:
             return
-
-        def start() -> None:
-            try:
-                spare = self.make_spare()
-                spare.start()
-                self._spare = spare
-            except BaseException as exc:  # reported when the spare is needed
-                self._spare_error = exc
-
-        self._spare_thread = threading.Thread(target=start, name="metaloom-spare", daemon=True)
-        self._spare_thread.start()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.spares, thread_name_prefix="metaloom-spare")
+        while len(self._pool) < self.spares:
+            self._pool.append(self._executor.submit(lambda: self.make_spare().start()))
 
     def _replace_server(self) -> None:
         if self.make_spare is None:
             self.server.restart()
             return
         self._start_spare()
-        assert self._spare_thread is not None
-        self._spare_thread.join(timeout=300)
-        spare, error = self._spare, self._spare_error
-        self._spare = self._spare_error = self._spare_thread = None
-        if spare is None:
-            if error is not None:
-                raise error
-            raise RuntimeError("the spare server did not start within 300 s")
+        ready = [f for f in self._pool if f.done()]
+        future = ready[0] if ready else self._pool[0]
+        self._pool.remove(future)
+        spare = future.result(timeout=300)  # re-raises a spare's start-up error
         old, self.server = self.server, spare
         old.stop()
         self.retired.append(old)
         self._start_spare()
 
     def close(self) -> None:
-        """Stop the spare (the current server belongs to whoever created it)."""
-        if self._spare_thread is not None:
-            self._spare_thread.join(timeout=300)
-        if self._spare is not None:
-            self._spare.stop()
-        self._spare = None
-        self._spare_thread = None
+        """Stop the spares (the current server belongs to whoever created it)."""
+        for future in self._pool:
+            try:
+                future.result(timeout=300).stop()
+            except Exception:  # a spare that failed to start has nothing to stop
+                pass
+        self._pool = []
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     def _guard_restarts(self) -> int | None:
         if not getattr(self.server, "guard", False):
