@@ -11,6 +11,7 @@ Run as ``python -m pytest_metaloom.reaper``; use it through :func:`register`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -86,7 +87,17 @@ def _ensure_started() -> subprocess.Popen[bytes] | None:
         )
     except OSError:
         _reaper = None
+    else:
+        # Closing our end at exit is what tells the reaper we are gone (it would see
+        # EOF anyway); doing it explicitly avoids an "unclosed file" warning.
+        atexit.register(_close_pipe, _reaper)
     return _reaper
+
+
+def _close_pipe(reaper: subprocess.Popen[bytes]) -> None:
+    if reaper.stdin is not None:
+        with contextlib.suppress(OSError):
+            reaper.stdin.close()
 
 
 def _send(line: str) -> None:
