@@ -162,19 +162,14 @@ class ScenarioItem(pytest.Item):
         claimed = self.target.claims(self.scenario)
         outcome = result.outcome.outcome
         record = build_record(self, result, claimed)
-        self.user_properties.append((PROPERTY, json.dumps(record)))
-        for key in ("outcome", "verdict", "patch_set", "claimed"):
-            self.user_properties.append((f"{PROPERTY}_{key}", str(record[key])))
-        context = _context(result)
-        if outcome == "not_fired":
-            raise ScenarioFailure(
-                "the armed fault never fired: this scenario proved nothing", record, context
-            )
-        if claimed and outcome != "graceful":
-            what = "claimed but not met" if self.target.patch_set is not None else "not graceful"
-            raise ScenarioFailure(f"{what}: observed {outcome}", record, context)
-        if not claimed and outcome != "graceful":
-            pytest.xfail(f"expected gap (not claimed by {self.target.label}): {outcome}")
+        what = "claimed but not met" if self.target.patch_set is not None else "not graceful"
+        judge(
+            self,
+            record,
+            _context(result),
+            not_fired="the armed fault never fired: this scenario proved nothing",
+            unmet=f"{what}: observed {outcome}",
+        )
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str:
         exc = excinfo.value
@@ -193,6 +188,20 @@ class ScenarioItem(pytest.Item):
         if isinstance(exc, MatrixSetupError):
             return f"{self.target.label}: {exc}"
         return super().repr_failure(excinfo)
+
+
+def judge(item: Any, record: dict[str, Any], context: str, *, not_fired: str, unmet: str) -> None:
+    """Attach the record (JSON report, JUnit properties), then pass, fail or xfail the item."""
+    item.user_properties.append((PROPERTY, json.dumps(record)))
+    for key in ("outcome", "verdict", "patch_set", "claimed"):
+        item.user_properties.append((f"{PROPERTY}_{key}", str(record[key])))
+    outcome = record["outcome"]
+    if outcome == "not_fired":
+        raise ScenarioFailure(not_fired, record, context)
+    if record["claimed"] and outcome != "graceful":
+        raise ScenarioFailure(unmet, record, context)
+    if not record["claimed"] and outcome != "graceful":
+        pytest.xfail(f"expected gap (not claimed by {item.target.label}): {outcome}")
 
 
 def _context(result: Any) -> str:
@@ -345,22 +354,16 @@ class RealMetalItem(pytest.Item):
             )
         )
         record = build_real_record(self, result, claimed)
-        self.user_properties.append((PROPERTY, json.dumps(record)))
-        for key in ("outcome", "verdict", "patch_set", "claimed"):
-            self.user_properties.append((f"{PROPERTY}_{key}", str(record[key])))
-        context = f"--- server log tail ---\n{result.log_tail}"
-        outcome = result.outcome.outcome
-        if outcome == "not_fired":
-            raise ScenarioFailure(
+        judge(
+            self,
+            record,
+            f"--- server log tail ---\n{result.log_tail}",
+            not_fired=(
                 "no real failure happened: this run proved nothing (lower the limits, add "
-                "--metaloom-sysctl, or use a bigger --metaloom-model)",
-                record,
-                context,
-            )
-        if claimed and outcome != "graceful":
-            raise ScenarioFailure(f"real failure not handled: observed {outcome}", record, context)
-        if not claimed and outcome != "graceful":
-            pytest.xfail(f"expected gap (not claimed by {self.target.label}): {outcome}")
+                "--metaloom-sysctl, or use a bigger --metaloom-model)"
+            ),
+            unmet=f"real failure not handled: observed {result.outcome.outcome}",
+        )
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str:
         exc = excinfo.value

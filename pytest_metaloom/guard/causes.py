@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..process import signal_name
+
 # Ordered: the first pattern that matches a line names the kind. Texts follow mlx-oom-facts.md §1.
 _FALLBACK_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("cmdbuf_oom", re.compile(r"kIOGPUCommandBufferCallbackErrorOutOfMemory")),
@@ -89,16 +91,6 @@ def _shared_kind(text: str) -> tuple[str, str] | None:
     if not isinstance(kind, str):
         return None
     return kind, str(getattr(result, "decisive_line", None) or "")
-
-
-def signal_name(returncode: int | None) -> str | None:
-    """Name of the signal that ended a process (Popen convention: negative returncode)."""
-    if returncode is None or returncode >= 0:
-        return None
-    try:
-        return signal.Signals(-returncode).name
-    except ValueError:
-        return f"SIG{-returncode}"
 
 
 def classify_exit(returncode: int | None, stderr_tail: str) -> Cause:
