@@ -171,6 +171,7 @@ class ScenarioRunner:
         self.seed = seed
         self.cycles = cycles
         self._ids = itertools.count()
+        self._loop: tuple[list[dict], int] = ([], 0)
 
     def request_id(self, scenario: Scenario) -> str:
         """Ids derive from the seed: the same seed replays the same specs and requests."""
@@ -329,6 +330,8 @@ class ScenarioRunner:
             start_event = self._start_event(events_before, probe_obs.request_id)
             sequences_after = (start_event.get("cache") or {}).get("sequences")
             memory_after = (start_event.get("memory") or {}).get("active")
+            if scenario.workload == "tool_loop":  # the loop goes on: nothing lost silently
+                recovery.append(self._next_turn(seed, min(self.deadline, 10)))
             for path_seed in (seed, None if seed is not None else 3):
                 recovery.append(
                     workload.chat(
@@ -420,21 +423,28 @@ class ScenarioRunner:
         return results[0], results[1:]
 
     def _tool_loop(self, seed: int | None, deadline: float, max_turns: int = 8) -> Any:
-        messages = workload.tool_loop_start()
+        """Turns until one fails (the limit was crossed); the conversation is kept so the
+        recovery phase can carry on with the next turn, as the seed report's agent would."""
+        self._loop = (workload.tool_loop_start(), 0)
         last = None
-        for turn in range(max_turns):
-            messages = workload.tool_loop_turn(messages, turn)
-            last = workload.chat(
-                self.server.url,
-                messages,
-                max_tokens=4,
-                seed=seed,
-                tools=[workload.WEATHER_TOOL],
-                deadline=deadline,
-            )
+        for _ in range(max_turns):
+            last = self._next_turn(seed, deadline)
             if not last.ok or not self.server.is_alive():
                 break
         return last
+
+    def _next_turn(self, seed: int | None, deadline: float) -> workload.Observation:
+        messages, turn = self._loop
+        messages = workload.tool_loop_turn(messages, turn)
+        self._loop = (messages, turn + 1)
+        return workload.chat(
+            self.server.url,
+            messages,
+            max_tokens=4,
+            seed=seed,
+            tools=[workload.WEATHER_TOOL],
+            deadline=deadline,
+        )
 
     def _wait_fired(self, since: int, scenario: Scenario, timeout: float = 2.0) -> list[dict]:
         end = time.monotonic() + timeout
