@@ -354,18 +354,13 @@ class ScenarioRunner:
             expected_status=scenario.kind.expected_status,
             needs_cache_reset=scenario.kind.is_oom,
             fired=fired,
-            alive=server.is_alive(),
-            pid_before=pid_before,
-            pid_after=server.pid,
-            returncode=server.returncode,
-            signal=server.signal,
-            behind_guard=bool(getattr(server, "guard", False)),
             worker_restarted=worker_restarted,
-            health_after_fault=health_after_fault,
-            health_after_recovery=workload.health(server.url) if server.is_alive() else None,
-            recovery_statuses=[o.status for o in recovery],
-            recovery_ok=bool(recovery) and all(o.ok for o in recovery),
-            recovery_hung=any(o.timed_out for o in recovery),
+            **survival_facts(
+                server,
+                pid_before=pid_before,
+                health_after_fault=health_after_fault,
+                recovery=recovery,
+            ),
             cache_sequences_after=sequences_after,
             cached_tokens_before=warm.cached_tokens,
             cached_tokens_after=cached_after,
@@ -469,6 +464,30 @@ class ScenarioRunner:
             if event.get("event") == "request_start" and event.get("request_id") == request_id:
                 return event
         return {}
+
+
+def survival_facts(
+    server: Any,
+    *,
+    pid_before: int | None,
+    health_after_fault: int | None,
+    recovery: Sequence[workload.Observation],
+) -> dict[str, Any]:
+    """Process and recovery fields of :class:`Facts`, read the same way by every runner."""
+    alive = server.is_alive()
+    return {
+        "alive": alive,
+        "pid_before": pid_before,
+        "pid_after": server.pid,
+        "returncode": server.returncode,
+        "signal": server.signal,
+        "behind_guard": bool(getattr(server, "guard", False)),
+        "health_after_fault": health_after_fault,
+        "health_after_recovery": workload.health(server.url) if alive else None,
+        "recovery_statuses": [o.status for o in recovery],
+        "recovery_ok": bool(recovery) and all(o.ok for o in recovery),
+        "recovery_hung": any(o.timed_out for o in recovery),
+    }
 
 
 def _fired_count(status: dict) -> int:

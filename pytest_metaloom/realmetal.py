@@ -257,6 +257,7 @@ def run_real_scenario(server: Any, plan: RealMetalPlan | None = None) -> RealRes
     from . import workload
     from .classify import classify_text
     from .faults import FAULT_KINDS, default_semantics
+    from .matrix import survival_facts
     from .oracle import NOT_FIRED, Facts, classify, request_facts
 
     plan = plan or RealMetalPlan()
@@ -325,17 +326,12 @@ def run_real_scenario(server: Any, plan: RealMetalPlan | None = None) -> RealRes
         expected_status=fault.expected_status if fault else 503,
         needs_cache_reset=fault.is_oom if fault else True,
         fired=fired,
-        alive=server.is_alive(),
-        pid_before=pid_before,
-        pid_after=server.pid,
-        returncode=server.returncode,
-        signal=server.signal,
-        behind_guard=bool(getattr(server, "guard", False)),
-        health_after_fault=health_after_fault,
-        health_after_recovery=workload.health(server.url) if server.is_alive() else None,
-        recovery_statuses=[o.status for o in recovery],
-        recovery_ok=all(o.ok for o in recovery),
-        recovery_hung=any(o.timed_out for o in recovery),
+        **survival_facts(
+            server,
+            pid_before=pid_before,
+            health_after_fault=health_after_fault,
+            recovery=recovery,
+        ),
         cache_sequences_after=sequences_after,
         cached_tokens_before=warm.cached_tokens,
         cached_tokens_after=cached_after,
