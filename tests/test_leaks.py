@@ -71,6 +71,20 @@ def _pytest_argv(pytester, model_dir, *extra: str) -> list[str]:
     ]
 
 
+def _start_until_ready(pytester, model_dir, pid_file: Path, **popen: object) -> subprocess.Popen:
+    """Start the inner pytest and wait (bounded) until its test has a server running."""
+    proc = subprocess.Popen(_pytest_argv(pytester, model_dir), cwd=pytester.path, **popen)
+    ready = Path(str(pid_file) + ".ready")
+    end = time.monotonic() + 90
+    while not ready.exists() and time.monotonic() < end and proc.poll() is None:
+        time.sleep(0.1)
+    if not ready.exists():
+        proc.kill()
+        proc.wait(10)
+        pytest.fail(f"the inner test never started its server (exit {proc.returncode})")
+    return proc
+
+
 def _survivors(pid_file: Path, within: float = 15.0) -> list[int]:
     pids = [int(p) for p in pid_file.read_text().split()]
     assert pids, "the inner test never recorded a server"
@@ -93,18 +107,10 @@ def test_no_leak_when_tests_pass_or_fail(pytester, model_dir, action):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_no_leak_when_interrupted(pytester, model_dir, sig):
     pid_file = _write_case(pytester, "sleep")
-    proc = subprocess.Popen(
-        _pytest_argv(pytester, model_dir),
-        cwd=pytester.path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+    proc = _start_until_ready(
+        pytester, model_dir, pid_file, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     try:
-        ready = Path(str(pid_file) + ".ready")
-        end = time.monotonic() + 90
-        while not ready.exists() and time.monotonic() < end and proc.poll() is None:
-            time.sleep(0.1)
-        assert ready.exists(), proc.stdout.read().decode()[-2000:] if proc.poll() else "no start"
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=60)
     finally:
@@ -127,18 +133,10 @@ def test_no_leak_when_pytest_timeout_kills_the_session(pytester, model_dir):
 
 def test_no_leak_when_pytest_is_sigkilled(pytester, model_dir):
     pid_file = _write_case(pytester, "sleep")
-    proc = subprocess.Popen(
-        _pytest_argv(pytester, model_dir),
-        cwd=pytester.path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    proc = _start_until_ready(
+        pytester, model_dir, pid_file, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        ready = Path(str(pid_file) + ".ready")
-        end = time.monotonic() + 90
-        while not ready.exists() and time.monotonic() < end and proc.poll() is None:
-            time.sleep(0.1)
-        assert ready.exists()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
     finally:
