@@ -150,32 +150,13 @@ def test_budget_errors_are_one_line() -> None:
 
 
 def test_patchset_check_subcommand(tmp_path):
-    import subprocess
-    import sys
     from pathlib import Path
 
-    root = Path(__file__).parents[1]
-    ok = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest_metaloom.cli",
-            "patchset",
-            "check",
-            str(root / "patchsets" / "graceful-oom"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    reference = Path(__file__).parents[1] / "patchsets" / "graceful-oom"
+    ok = metaloom("patchset", "check", str(reference))
     assert ok.returncode == 0, ok.stderr
     assert "OK, applies to mlx-lm" in ok.stdout
     bad = tmp_path / "bad.diff"
     bad.write_text("not a diff\n")
-    failed = subprocess.run(
-        [sys.executable, "-m", "pytest_metaloom.cli", "patchset", "check", str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    failed = metaloom("patchset", "check", str(bad))
     assert failed.returncode == 1 and "not a unified diff" in failed.stderr
