@@ -137,7 +137,7 @@ def metaloom_settings(request: pytest.FixtureRequest) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_model() -> Path:
     """The built-in offline tiny llama model (built once, cached across sessions)."""
     from .model import ModelSpec, build_tiny_model
 
