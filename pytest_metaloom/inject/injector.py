@@ -1,6 +1,6 @@
 """Harness side of the injector: server environment, control client, event reader.
 
-The server half lives in ``inject/runtime.py``; the two meet only through
+The server half lives in ``inject/runtime/``; the two meet only through
 environment variables, a Unix control socket and a JSON-lines event log, so a
 test can inspect a server that has already died (the log survives an abort).
 """
@@ -75,7 +75,7 @@ def bootstrap_env(
 
 
 def _check_limits(text: str) -> None:
-    from pytest_metaloom.inject.faults import parse_size
+    from pytest_metaloom.inject.faults import SIZE_BASES, parse_size
 
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, eq, value = part.partition("=")
@@ -86,7 +86,7 @@ def _check_limits(text: str) -> None:
                 text.find(part),
                 len(part),
             )
-        parse_size(value.strip(), {"active": 0, "peak": 0, "limit": 0})
+        parse_size(value.strip(), dict.fromkeys(SIZE_BASES, 0))
 
 
 class Injector:
