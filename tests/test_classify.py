@@ -440,3 +440,28 @@ def test_ordinary_lines_with_alarming_words_are_not_failures() -> None:
         '127.0.0.1 - - "POST /v1/chat/completions HTTP/1.1" 500 -\n'
     )
     assert classify_text(text).kind == "none"
+
+
+def test_word_tables_name_only_known_kinds() -> None:
+    """The wording tables spell kinds; every one they can produce is a known kind."""
+    from pytest_metaloom.tools import classify_words as words
+
+    produced = set(words.CODE_KINDS.values()) | set(words.NUMBER_KINDS.values())
+    produced |= {kind for _, kind in words.DETAIL_WORDS} | set(words.LOW_NOTES)
+    produced |= words.OOM_KINDS | words.CMDBUF_KINDS
+    assert produced <= set(KINDS)
+
+
+@pytest.mark.parametrize("kind", [k for k in FAULT_KIND_NAMES if k != "hang"])
+def test_the_injectors_texts_are_classified_as_their_kinds(kind: str) -> None:
+    """What the injector raises (as Python sees it, and as an abort) is named as its kind."""
+    from pytest_metaloom.inject import faults
+
+    for semantics in faults.FAULT_KINDS[kind].allowed_semantics:
+        text = faults.message(kind, semantics)
+        line = faults.abort_line(text) if semantics == "abort" else f"RuntimeError: {text}"
+        result = classify_text(line + "\n")
+        assert (result.kind, result.confidence) == (kind, "high"), (semantics, line)
+        assert result.is_oom is faults.FAULT_KINDS[kind].is_oom
+        if kind != "runtime_error":
+            assert result.semantics == semantics, line
