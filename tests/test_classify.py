@@ -465,3 +465,12 @@ def test_the_injectors_texts_are_classified_as_their_kinds(kind: str) -> None:
         assert result.is_oom is faults.FAULT_KINDS[kind].is_oom
         if kind != "runtime_error":
             assert result.semantics == semantics, line
+
+
+def test_a_non_oom_error_in_a_prediction_stream_is_a_runtime_error() -> None:
+    """LM Studio's wording, with a non-memory exception (a Metal library that cannot build)."""
+    result = classify_text(
+        "Error in iterating prediction stream: RuntimeError: [metal::Device] Unable to build "
+        "metal library from source\n"
+    )
+    assert (result.kind, result.confidence, result.is_oom) == ("runtime_error", "high", False)

@@ -18,6 +18,8 @@ CMDBUF_KINDS = frozenset(
 )
 HIGH, LOW = "high", "low"
 CONFIDENCES: tuple[str, ...] = (HIGH, LOW)
+
+
 # --- line cleaning -------------------------------------------------------------------------
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
@@ -67,6 +69,7 @@ CODE_KINDS = {
     # the GPU touched an unmapped address: a use of a freed or invalid buffer
     "PageFault": "invalid_resource",
 }
+# the same codes by number, for "(IOAF code 8)" and an 8-digit number without its name
 NUMBER_KINDS = {2: "gpu_timeout", 3: "gpu_hang", 5: "gpu_victim", 8: "cmdbuf_oom"}
 NUMBER_KINDS.update({9: "invalid_resource", 11: "invalid_resource", 14: "gpu_timeout"})
 DETAIL_WORDS = (
@@ -229,7 +232,8 @@ BENIGN_EXCEPTIONS = frozenset(
 )
 LOOP_ERROR = re.compile(
     r"(?:Engine loop error|Error in (?:speculative )?generation(?: thread)?"
-    r"|Error during (?:stream )?generation)\s*:\s*(?P<msg>\S.*)"
+    r"|Error during (?:stream )?generation|Error in iterating prediction stream)"
+    r"\s*:\s*(?P<msg>\S.*)"
 )
 CLIENT_ERROR = re.compile(
     # a client's view of a server-side failure: a structured 5xx error body
