@@ -9,7 +9,7 @@ from pytest_metaloom.matrix.runner import ScenarioRunner
 from pytest_metaloom.matrix.scenarios import (
     MEMORY_LIMIT,
     STREAM_MODES,
-    TOOL_LOOP_WIRED,
+    TOOL_LOOP_MEMORY,
     Scenario,
     build_matrix,
 )
@@ -67,11 +67,12 @@ def test_default_matrix_is_memory_caused_and_counts_stay_an_option():
     for scenario in build_matrix():
         spec = scenario.spec("req-1")
         if scenario.workload == "tool_loop":
-            assert f"wired={TOOL_LOOP_WIRED}" in spec
+            assert f"memory={TOOL_LOOP_MEMORY}" in spec
         else:
             assert f"memory={MEMORY_LIMIT}" in spec
     for scenario in build_matrix(trigger="count"):
-        assert "memory=" not in scenario.spec("req-1")
+        if scenario.workload != "tool_loop":  # the tool loop is about growing memory
+            assert "memory=" not in scenario.spec("req-1")
     with pytest.raises(ValueError, match="did you mean 'count'"):
         build_matrix(trigger="cuont")
 

@@ -23,9 +23,9 @@ TRIGGERS = ("memory", "count")
 # asks for past what was allocated when armed + 1 KiB: the request's own memory need
 # crosses the lowered limit. The fired event's ``crossing`` shows the numbers.
 MEMORY_LIMIT = "allocated+1KiB"
-# The tool loop grows its conversation until active + cached buffers + what a step asks
-# for cross the model's usage + this margin (measured when armed).
-TOOL_LOOP_WIRED = "active+256KiB"
+# The tool loop grows its conversation until the same counter crosses what was allocated
+# when armed + 1 MiB (on the tiny model that is within the first turn or two).
+TOOL_LOOP_MEMORY = "allocated+1MiB"
 PROBE_PROMPT = "metaloom cache probe: the quick brown fox jumps over the lazy dog again"
 
 
@@ -57,7 +57,7 @@ class Scenario:
         args = f"({self.semantics})" if explicit else ""
         filters = [f"path={self.path}"]
         if self.workload == "tool_loop":
-            filters.append(f"wired={wired or TOOL_LOOP_WIRED}")
+            filters.append(f"wired={wired}" if wired else f"memory={TOOL_LOOP_MEMORY}")
         else:
             filters += [f"site={self.site}", f"request={request_id}"]
             if self.stream and self.site == "decode":
