@@ -100,18 +100,13 @@ def bootstrap_env(
 
 
 def _check_limits(text: str) -> None:
-    from pytest_metaloom.inject.faults import parse_size
+    """``wired=SIZE,memory=SIZE`` in the one grammar (``units.parse_limits``)."""
+    from pytest_metaloom import units
 
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, eq, value = part.partition("=")
-        if not eq or key.strip() not in ("wired", "memory"):
-            raise FaultSpecError(
-                f"invalid limits: part {part!r} is not wired=SIZE or memory=SIZE",
-                text,
-                text.find(part),
-                len(part),
-            )
-        parse_size(value.strip(), {"active": 0, "peak": 0, "limit": 0})
+    try:
+        units.parse_limits(text)
+    except units.SizeError as exc:
+        raise FaultSpecError(exc.problem, exc.text, exc.pos, exc.length) from None
 
 
 class Injector:
