@@ -158,3 +158,36 @@ def test_no_leak_with_stubborn_or_parent_servers(pytester, model_dir, flags):
     if flags == ["--spawn-child"]:
         assert len(pids) == 2
     assert _survivors(pid_file, within=1.0) == []
+
+
+SOCKET_CASE = """
+import os
+
+def test_case(mlx_server_factory):
+    server = mlx_server_factory()
+    control = server.injector.control_path
+    assert os.path.exists(control), "the server never bound its control socket"
+    with open({out!r}, "w") as handle:
+        handle.write(control)
+"""
+
+
+def test_no_socket_dir_is_left_in_tmp_when_the_run_dir_path_is_long(pytester, model_dir):
+    """A run dir too deep for a Unix socket path puts the socket in /tmp/mlm-*: removed at stop."""
+    out = pytester.path / "control-path"
+    pytester.makepyfile(test_case=SOCKET_CASE.format(out=str(out)))
+    deep = pytester.path / ("d" * 60) / ("e" * 40)
+    deep.parent.mkdir()
+    done = subprocess.run(
+        [
+            *_pytest_argv(pytester, model_dir)[:-1],
+            f"--basetemp={deep}",
+        ],
+        cwd=pytester.path,
+        capture_output=True,
+        timeout=150,
+    )
+    assert done.returncode == 0, done.stdout.decode()[-2000:]
+    control = Path(out.read_text())
+    assert control.parent.parent == Path("/tmp") and control.parent.name.startswith("mlm-")
+    assert not control.parent.exists(), f"{control.parent} was left behind"
