@@ -122,3 +122,40 @@ def test_no_import_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module)
+
+
+ROOT = PACKAGE.parent
+
+
+def test_the_test_environment_is_pinned_in_one_file_and_used_everywhere():
+    from packaging.requirements import Requirement
+
+    from pytest_metaloom.versions import TESTED_MLX_LM
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    pins = {}
+    for line in (ROOT / "constraints" / "test.txt").read_text().splitlines():
+        requirement = line.split("#")[0].split(";")[0].strip()
+        if requirement:
+            name, _, version = requirement.partition("==")
+            assert version, f"constraints/test.txt: {line!r} is not an exact pin"
+            pins[name.lower()] = version
+    for tool in ("mlx-lm", "mlx", "pytest", "pytest-timeout", "pytest-xdist", "requests"):
+        assert tool in pins, f"{tool} is not pinned"
+    # the pinned mlx-lm is the newest release of the tested window the header checks
+    assert TESTED_MLX_LM.endswith(f"<={pins['mlx-lm']}")
+    readme = (ROOT / "README.md").read_text()
+    assert "pip install -c constraints/test.txt -e '.[test]'" in readme
+    assert "-c constraints/test.txt" in (ROOT / ".ci" / "run").read_text()
+    assert "constraints/test.txt" in (ROOT / "tox.ini").read_text()
+    # the package itself asks for ranges, never exact versions
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [
+        r for extra in project["optional-dependencies"].values() for r in extra
+    ]
+    exact = [r for r in requirements if any(s.operator == "==" for s in Requirement(r).specifier)]
+    assert not exact
