@@ -1,8 +1,8 @@
 """Plain HTTP to a server under test: one bounded request, its status and body.
 
-Everything that only needs "what status, what body" goes through here (readiness and
-health probes, warm-ups, the fixtures' and downstream helpers' calls, the CLI), on
-``requests``. What arrived on the wire and when (the verdict's evidence) is observed by
+Everything that only needs "what status, what body" goes through here (the server's
+readiness and health probes and warm-up, the fixtures, the guard's probes of its worker,
+downstream helpers such as ``judge.workload.wait_healthy``), on ``requests``. What arrived on the wire and when (the verdict's evidence) is observed by
 ``judge/workload.py`` on a real HTTP parser instead.
 """
 
@@ -25,10 +25,13 @@ def request(
     method: str = "GET",
     body: Mapping[str, Any] | None = None,
     *,
+    data: bytes | str | None = None,
     timeout: float = 5.0,
     headers: Mapping[str, str] | None = None,
 ) -> tuple[int, bytes]:
     """One request with ``timeout`` on connecting and on every read; returns (status, body).
+
+    ``body`` is sent as JSON; ``data`` as it is (give its ``Content-Type`` in ``headers``).
 
     No proxies or netrc from the environment (the servers are on loopback), no redirects,
     no kept-alive connection (a killed server must not leave a stale one behind).
@@ -41,6 +44,7 @@ def request(
                 method,
                 url,
                 json=body,
+                data=data,
                 headers={"Connection": "close", **(headers or {})},
                 timeout=(timeout, timeout),
                 allow_redirects=False,
