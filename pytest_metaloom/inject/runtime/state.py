@@ -277,15 +277,10 @@ class Runtime:
 
 
 def parse_limits(text: str) -> dict[str, str]:
-    """``wired=SIZE,memory=SIZE`` -> {key: SIZE text}; a clear error for anything else."""
-    values: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, eq, value = part.partition("=")
-        if not eq or key.strip() not in ("wired", "memory"):
-            raise ValueError(
-                f"METALOOM_LIMITS part {part!r} is not valid; expected wired=SIZE or "
-                "memory=SIZE, e.g. 'wired=0.8*limit,memory=16GiB'"
-            )
-        F.parse_size(value.strip(), dict.fromkeys(F.SIZE_BASES, 0))
-        values[key.strip()] = value.strip()
-    return values
+    """``wired=SIZE,memory=SIZE`` -> {key: SIZE text}; a ``ValueError`` naming the part."""
+    from pytest_metaloom import units
+
+    try:
+        return units.parse_limits(text)
+    except units.SizeError as exc:
+        raise ValueError(f"METALOOM_LIMITS={text!r}: {exc.problem}") from None
