@@ -12,14 +12,22 @@ available as explicit filters.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pytest_metaloom.inject import faults as F
 
 from .locate import Location, locate
 
-if TYPE_CHECKING:
-    from .state import Runtime
+
+class Runtime(Protocol):
+    """What a trigger reads of the runtime (``state.Runtime``; no import: it imports us)."""
+
+    mx: Any
+    active: dict[str, int]
+    requests_started: int
+    tokens: int
+
+    def memory(self) -> dict[str, int]: ...
 
 
 def requested_bytes(mx: Any, tree: Any, limit: int = 4096) -> int:
