@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.hang_timeout,
         help="seconds without a byte before the watchdog probes /health (0: off)",
     )
+    p.add_argument(
+        "--probe-timeout",
+        type=float,
+        default=d.probe_timeout,
+        help="bound on each check of a worker suspected wedged (/health, one-token completion)",
+    )
     p.add_argument("--ready-timeout", type=float, default=d.ready_timeout, help="seconds")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip warm-up request")
     p.add_argument("--warmup-path", default=d.warmup_path)

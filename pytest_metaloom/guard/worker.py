@@ -186,6 +186,24 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             return None
 
+    def stderr_size(self) -> int:
+        """Bytes written to stderr so far (a mark for ``stderr_since``)."""
+        try:
+            return os.stat(self.stderr_path).st_size
+        except OSError:
+            return 0
+
+    def stderr_since(self, mark: int, max_bytes: int = 65536) -> str:
+        """What the worker wrote to stderr after ``mark``: its last ``max_bytes`` at most."""
+        try:
+            with open(self.stderr_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(mark, size - max_bytes))
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
     def stderr_tail(self, max_bytes: int = 16384) -> str:
         """The last ``max_bytes`` of the worker's stderr, where aborts print their reason."""
         try:
