@@ -650,3 +650,198 @@ def test_real_server_seed_scenario_abort_then_cold_cache(
     assert status["restarts"] == 1 and status["worker_pid"] != first_pid
     assert status["last_cause"]["kind"] == "cmdbuf_oom"
     assert "kIOGPUCommandBufferCallbackErrorOutOfMemory" in status["last_cause"]["line"]
+
+
+# ---- live workers that fail without dying: wedged, or closing without a response -----------
+
+from support import STANDINS  # noqa: E402
+
+WEDGING = [sys.executable, str(STANDINS / "wedging_worker.py")]
+CLOSING = [sys.executable, str(STANDINS / "closing_worker.py")]
+NON_OOM = "ValueError-free control failure: tokenizer state is inconsistent"
+
+
+def _health(g: Guard) -> tuple[int, dict[str, Any]]:
+    code, _, body = call(g.url, "/health")
+    return code, json.loads(body)
+
+
+def test_wedged_in_flight_gets_503_and_the_worker_is_replaced(guards, tmp_path) -> None:
+    """The loop dies under a non-stream request: 503 naming the wedge, log cause=wedged, new pid."""
+    starts = tmp_path / "starts"
+    env = {"STANDIN_STARTS": str(starts), "STANDIN_HOLD": "1"}
+    g = guards(WEDGING, env=env, backoff=0.05)
+    assert g.wait_serving()
+    first = g.status()["worker_pid"]
+    code, headers, body = call(g.url, "/v1/completions", {"behave": "wedge", "prompt": "a"})
+    assert code == 503, body
+    err = json.loads(body)["error"]
+    assert err["type"] == "worker_wedged" and err["code"] == "wedged"
+    assert err["error_kind"] == "resource_limit"
+    assert "Resource limit (499000) exceeded" in err["message"]
+    assert headers.get("Retry-After")
+    # The replacement is held at its start: the guard must not call anything serving meanwhile.
+    code, health = _health(g)
+    assert code == 503 and health["code"] == "wedged", health
+    assert call(g.url, "/v1/completions", {"prompt": "b"})[0] == 503
+    (starts / "open").touch()
+    assert g.wait_serving()
+    code, _, body = call(g.url, "/v1/completions", {"prompt": "c"})
+    assert code == 200 and json.loads(body)["pid"] != first
+    assert _health(g)[0] == 200
+    status = g.status()
+    assert status["restarts"] == 1 and status["last_cause"]["kind"] == "wedged"
+    log = g.log_lines.text()
+    assert f"worker pid={first} exited rc=-9 cause=wedged" in log
+    assert "its /health answered 503" in log and "generation loop died" in log
+
+
+def test_wedged_mid_stream_ends_with_error_event_and_done(guards) -> None:
+    g = guards(WEDGING, backoff=0.05)
+    assert g.wait_serving()
+    first = g.status()["worker_pid"]
+    body = {"stream": True, "events": 4, "behave": "wedge", "die_at": 2}
+    code, events = stream_events(g.url, body)
+    assert code == 200
+    texts = [e for _, e in events]
+    assert [json.loads(t)["i"] for t in texts[:2]] == [0, 1]
+    err = json.loads(texts[2])["error"]
+    assert err["code"] == "wedged" and err["type"] == "worker_wedged"
+    assert texts[3:] == ["[DONE]"]
+    assert g.wait_serving()
+    assert g.status()["worker_pid"] != first
+    assert g.status()["last_cause"]["kind"] == "wedged"
+
+
+def test_stream_failing_before_any_event_gets_a_status_line(guards) -> None:
+    """Nothing but the SSE head would have been sent: the guard held it, so a real 503 instead."""
+    g = guards(WEDGING, backoff=0.05)
+    assert g.wait_serving()
+    body = {"stream": True, "events": 3, "behave": "wedge", "die_at": 0, "keepalive": False}
+    code, _, raw = call(g.url, "/v1/chat/completions", body)
+    assert code == 503, raw
+    assert json.loads(raw)["error"]["code"] == "wedged"
+
+
+def test_quiet_wedge_health_never_lies_and_requests_wait_for_the_new_worker(
+    guards, tmp_path
+) -> None:
+    """The loop dies after answering: the guard's /health says 503, the next request is retried
+    on the replacement (it never reached a loop), and the worker's own 404 never leaks out."""
+    starts = tmp_path / "starts"
+    env = {"STANDIN_STARTS": str(starts), "STANDIN_HOLD": "1"}
+    g = guards(WEDGING, env=env, backoff=0.05, queue_timeout=60)
+    assert g.wait_serving()
+    first = g.status()["worker_pid"]
+    code, _, _ = call(g.url, "/v1/completions", {"behave": "wedge_quietly"})
+    assert code == 200  # that request was served; the loop died afterwards
+    code, health = _health(g)
+    assert code == 503, health  # the worker's own /health says 503: never a lying 200
+    results: list[Any] = []
+    waiter = threading.Thread(
+        target=lambda: results.append(call(g.url, "/v1/completions", {"prompt": "q"}, t=90))
+    )
+    waiter.start()
+    (starts / "open").touch()
+    waiter.join(90)
+    code, _, body = results[0]
+    assert code == 200 and json.loads(body)["pid"] != first
+    assert g.status()["last_cause"]["kind"] == "wedged"
+
+
+def test_request_on_a_wedged_worker_without_queue_gets_503_not_404(guards) -> None:
+    g = guards(WEDGING, backoff=0.05)
+    assert g.wait_serving()
+    assert call(g.url, "/v1/completions", {"behave": "wedge_quietly"})[0] == 200
+    # No /health in between: the request itself meets the wedged loop.
+    code, headers, body = call(g.url, "/v1/completions", {"prompt": "x"})
+    assert code == 503, body
+    err = json.loads(body)["error"]
+    assert err["code"] == "wedged" and "generation thread died" in err["message"]
+    assert headers.get("Retry-After")
+    assert g.wait_serving()
+    assert call(g.url, "/v1/completions", {"prompt": "y"})[0] == 200
+
+
+def test_non_memory_wedge_answers_500_and_still_replaces_the_worker(guards) -> None:
+    g = guards(WEDGING, backoff=0.05)
+    assert g.wait_serving()
+    first = g.status()["worker_pid"]
+    code, _, body = call(g.url, "/v1/completions", {"behave": "wedge", "error": NON_OOM})
+    assert code == 500, body
+    err = json.loads(body)["error"]
+    assert err["code"] == "internal_error" and NON_OOM in err["message"]
+    assert g.wait_serving()
+    assert g.status()["worker_pid"] != first
+
+
+def test_survived_oom_is_503_and_recycles_the_worker(guards) -> None:
+    """The handler failed with an out-of-memory error but the loop lives (sequential path):
+    503, and a fresh worker so the next request starts on empty caches."""
+    g = guards(WEDGING, backoff=0.05)
+    assert g.wait_serving()
+    first = g.status()["worker_pid"]
+    code, headers, body = call(g.url, "/v1/completions", {"behave": "fail"})
+    assert code == 503, body
+    err = json.loads(body)["error"]
+    assert err["type"] == "worker_failed" and err["code"] == "resource_limit"
+    assert headers.get("Retry-After")
+    assert g.wait_serving()
+    assert g.status()["worker_pid"] != first
+    assert g.status()["last_cause"]["kind"] == "resource_limit"
+
+
+def test_non_memory_request_error_is_500_and_the_worker_kept(guards) -> None:
+    g = guards(WEDGING, backoff=0.05)
+    assert g.wait_serving()
+    first = g.status()["worker_pid"]
+    code, _, body = call(g.url, "/v1/completions", {"behave": "fail", "error": NON_OOM})
+    assert code == 500, body
+    assert json.loads(body)["error"]["code"] == "internal_error"
+    code, events = stream_events(g.url, {"stream": True, "behave": "fail", "error": NON_OOM})
+    texts = [e for _, e in events]
+    assert code == 200 and json.loads(texts[0])["error"]["code"] == "internal_error"
+    assert texts[-1] == "[DONE]"
+    assert g.status()["worker_pid"] == first and g.status()["restarts"] == 0
+
+
+def test_watchdog_kills_a_hung_loop_but_not_a_busy_one(guards) -> None:
+    """Both are silent past hang_timeout and neither finishes a one-token probe; only the hung one
+    used no CPU while the probe waited."""
+    g = guards(WEDGING, backoff=0.05, hang_timeout=0.5, probe_timeout=0.5)
+    assert g.wait_serving()
+    code, _, body = call(g.url, "/v1/completions", {"behave": "busy", "secs": 3})
+    assert code == 200, body
+    assert g.status()["restarts"] == 0
+    code, _, body = call(g.url, "/v1/completions", {"behave": "hang"}, t=60)
+    assert code == 503 and json.loads(body)["error"]["code"] == "hang", body
+    assert "CPU meanwhile" in g.status()["last_cause"]["line"]
+    assert g.wait_serving()
+
+
+def test_closing_worker_that_cannot_be_shown_healthy_gets_503(guards) -> None:
+    """Every completion after the warm-up is closed unanswered, the probe's too: 503 with
+    Retry-After, never 502, and the worker is replaced."""
+    g = guards([*CLOSING, "--answer-first", "1"], backoff=0.05)
+    assert g.wait_serving()
+    first = g.status()["worker_pid"]
+    code, headers, body = call(g.url, "/v1/completions", {"prompt": "x"})
+    assert code == 503, body
+    err = json.loads(body)["error"]
+    assert err["code"] == "wedged" and "closed without a response" in err["message"]
+    assert headers.get("Retry-After")
+    assert g.wait_serving()
+    assert g.status()["worker_pid"] != first
+
+
+def test_closing_worker_proven_healthy_gets_502_and_is_kept(guards) -> None:
+    g = guards([*CLOSING, "--close-marked"], backoff=0.05)
+    assert g.wait_serving()
+    first = g.status()["worker_pid"]
+    code, headers, body = call(g.url, "/v1/completions", {"close": True})
+    assert code == 502, body
+    err = json.loads(body)["error"]
+    assert err["code"] == "empty_response" and "healthy" in err["message"]
+    assert "Retry-After" not in headers
+    assert call(g.url, "/v1/completions", {"prompt": "x"})[0] == 200
+    assert g.status()["worker_pid"] == first and g.status()["restarts"] == 0
