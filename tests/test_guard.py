@@ -61,7 +61,16 @@ STANDIN_SRC = textwrap.dedent(
     if start == "exit":
         sys.stderr.write("stand-in: cannot load model\\n")
         sys.exit(3)
-    time.sleep(float(os.environ.get("STANDIN_DELAY", "0")))
+    held = os.environ.get("STANDIN_HOLD")  # a folder: every start after the first waits for
+    if held:                                # held/open (bounded), so a test can watch a restart
+        os.makedirs(held, exist_ok=True)
+        earlier = [n for n in os.listdir(held) if n.startswith("started-")]
+        open(os.path.join(held, "started-%d" % os.getpid()), "w").close()
+        deadline = time.monotonic() + 120
+        while earlier and not os.path.exists(os.path.join(held, "open")):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
     if os.environ.get("STANDIN_CHILD"):
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
         with open(os.environ["STANDIN_CHILD"], "w") as f:
@@ -110,12 +119,18 @@ STANDIN_SRC = textwrap.dedent(
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()
+            gate_seen = None
             for i in range(int(req.get("events", 3))):
                 if behave == "abort_mid" and i == int(req.get("die_at", 2)):
                     die_abort()
-                self.wfile.write(b"data: " + json.dumps({"i": i}).encode() + b"\\n\\n")
+                if behave == "gated" and i == 1:  # wait (bounded) until the client read event 0
+                    deadline = time.monotonic() + 60
+                    while not os.path.exists(req["gate"]) and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    gate_seen = os.path.exists(req["gate"])
+                event = {"i": i, "gate_seen": gate_seen}
+                self.wfile.write(b"data: " + json.dumps(event).encode() + b"\\n\\n")
                 self.wfile.flush()
-                time.sleep(float(req.get("gap", 0.0)))
             self.wfile.write(b"data: [DONE]\\n\\n")
 
     HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
@@ -260,8 +275,9 @@ def test_watchdog_cuts_a_silent_worker_only_when_the_check_says_so() -> None:
         took = time.monotonic() - t0
         assert w.fired == "hang"
         assert len(calls) == 2  # healthy once, then cut after a second full silent period
-        assert 0.3 <= calls[0] - t0 < 0.6 and calls[1] - calls[0] >= 0.3, (t0, calls)
-        assert took < 1.2, took
+        # lower bounds only: the checks cannot come early, however loaded the machine is
+        assert calls[0] - t0 >= 0.3 and calls[1] - calls[0] >= 0.3, (t0, calls)
+        assert took >= 0.6, took
         dog.unwatch(w)
     finally:
         dog.stop()
@@ -282,7 +298,7 @@ def test_watchdog_cuts_a_client_that_stops_reading() -> None:
         with pytest.raises(OSError):
             client.sendall(b"x" * (64 * 1024 * 1024))  # far more than the socket buffers hold
         assert w.client_cut and w.fired is None
-        assert 0.3 <= time.monotonic() - t0 < 1.5
+        assert time.monotonic() - t0 >= 0.3
         dog.unwatch(w)
     finally:
         dog.stop()
@@ -308,7 +324,7 @@ def test_watchdog_sleeps_while_nothing_is_relayed() -> None:
 
 def test_proxies_methods_and_reports_health(guards, standin) -> None:
     g = guards(standin)
-    assert g.wait_serving(20)
+    assert g.wait_serving()
     code, _, body = call(g.url, "/v1/completions", {"prompt": "hi"})
     assert code == 200
     assert json.loads(body)["echo"] == "hi"
@@ -324,22 +340,32 @@ def test_proxies_methods_and_reports_health(guards, standin) -> None:
     assert status["restarts"] == 0 and status["last_cause"] is None
 
 
-def test_stream_reaches_client_incrementally(guards, standin) -> None:
+def test_stream_reaches_client_incrementally(guards, standin, tmp_path) -> None:
+    """The worker sends event 1 only after the client has read event 0 through the guard (a
+    file gate, no clock): a guard that buffered would make the worker give up waiting."""
     g = guards(standin)
-    assert g.wait_serving(20)
-    t0 = time.monotonic()
-    code, events = stream_events(g.url, {"stream": True, "events": 5, "gap": 0.3})
-    assert code == 200
-    assert [e for _, e in events][-1] == "[DONE]"
-    assert len(events) == 6
-    first, last = events[0][0] - t0, events[-1][0] - t0
-    # The worker needs >= 1.5 s for 5 events; the first must arrive long before that.
-    assert first < 0.5 and last > 1.2, (first, last)
+    assert g.wait_serving()
+    gate = tmp_path / "client-read-event-0"
+    body = {"stream": True, "events": 4, "behave": "gated", "gate": str(gate)}
+    host, port = g.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=90)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode())
+        resp = conn.getresponse()
+        assert resp.status == 200
+        first = resp.fp.readline()
+        assert json.loads(first[6:])["i"] == 0
+        gate.touch()
+        rest = [ln[6:].strip() for ln in resp.fp.read().split(b"\n") if ln.startswith(b"data: ")]
+    finally:
+        conn.close()
+    assert rest[-1] == b"[DONE]"
+    assert [json.loads(e)["gate_seen"] for e in rest[:-1]] == [True, True, True]
 
 
 def test_abort_in_flight_gets_503_with_cause_then_restart(guards, standin) -> None:
     g = guards(standin, backoff=0.05)
-    assert g.wait_serving(20)
+    assert g.wait_serving()
     first_pid = g.status()["worker_pid"]
     code, headers, body = call(g.url, "/v1/chat/completions", {"behave": "abort_before"})
     assert code == 503
@@ -348,7 +374,7 @@ def test_abort_in_flight_gets_503_with_cause_then_restart(guards, standin) -> No
     assert err["exit_code"] == -6 and err["signal"] == "SIGABRT"
     assert "worker aborted (SIGABRT, rc -6): cmdbuf_oom" in err["message"]
     assert headers.get("Retry-After")
-    assert g.wait_serving(20)
+    assert g.wait_serving()
     code, _, body = call(g.url, "/v1/completions", {"prompt": "again"})
     assert code == 200 and json.loads(body)["pid"] != first_pid
     status = g.status()
@@ -362,7 +388,7 @@ def test_abort_in_flight_gets_503_with_cause_then_restart(guards, standin) -> No
 
 def test_abort_mid_stream_ends_with_error_event_and_done(guards, standin) -> None:
     g = guards(standin, backoff=0.05)
-    assert g.wait_serving(20)
+    assert g.wait_serving()
     body = {"stream": True, "events": 5, "behave": "abort_mid", "die_at": 2, "gap": 0.05}
     code, events = stream_events(g.url, body)
     assert code == 200
@@ -375,7 +401,7 @@ def test_abort_mid_stream_ends_with_error_event_and_done(guards, standin) -> Non
 
 def test_segfault_is_named(guards, standin) -> None:
     g = guards(standin, backoff=0.05)
-    assert g.wait_serving(20)
+    assert g.wait_serving()
     code, _, body = call(g.url, "/v1/completions", {"behave": "segv"})
     assert code == 503
     err = json.loads(body)["error"]
@@ -404,7 +430,7 @@ def test_restart_cap_holds_under_repeated_deaths(guards, standin) -> None:
     g = guards(standin, max_restarts=2, restart_window=60, backoff=0.05)
     codes = []
     for _ in range(4):
-        g.wait_serving(20)
+        g.wait_serving()
         codes.append(call(g.url, "/v1/completions", {"behave": "abort_before"})[0])
     assert codes == [503, 503, 503, 503]
     status = g.status()
@@ -417,15 +443,12 @@ def test_restart_cap_holds_under_repeated_deaths(guards, standin) -> None:
 
 def test_hang_watchdog_kills_and_restarts(guards, standin) -> None:
     g = guards(standin, hang_timeout=1.0, backoff=0.05)
-    assert g.wait_serving(20)
+    assert g.wait_serving()
     hung_pid = g.status()["worker_pid"]
-    t0 = time.monotonic()
-    code, _, body = call(g.url, "/v1/completions", {"behave": "hang"})
-    took = time.monotonic() - t0
+    code, _, body = call(g.url, "/v1/completions", {"behave": "hang"}, t=60)
     assert code == 503 and json.loads(body)["error"]["code"] == "hang"
-    assert took < 4.0, took  # 1 s silence + at most 1 s health probe + kill
     assert not _alive(hung_pid)
-    assert g.wait_serving(20)
+    assert g.wait_serving()
     assert call(g.url, "/v1/completions", {"prompt": "ok"})[0] == 200
     assert g.status()["last_cause"]["kind"] == "hang"
 
@@ -448,24 +471,28 @@ def _burst(url: str, n: int) -> list[tuple[int, Any]]:
     return results
 
 
-def test_burst_during_restart_gets_complete_answers(guards, standin) -> None:
-    g = guards(standin, env={"STANDIN_DELAY": "1.0"}, backoff=0.05)
-    assert g.wait_serving(20)
+def test_burst_during_restart_gets_complete_answers(guards, standin, tmp_path) -> None:
+    held = tmp_path / "held"
+    g = guards(standin, env={"STANDIN_HOLD": str(held)}, backoff=0.05)
+    assert g.wait_serving()
     assert call(g.url, "/v1/completions", {"behave": "abort_before"})[0] == 503
-    results = _burst(g.url, 20)
-    codes = [c for c, _ in results]
-    assert set(codes) <= {200, 503}, results
-    assert 503 in codes  # the restart takes >= 1 s, so the burst found no worker
-    for code, body in results:
-        if code == 503:
-            assert body["error"]["type"] in ("worker_unavailable", "worker_died")
+    results = _burst(g.url, 20)  # the replacement is held at its start: no worker to be had
+    (held / "open").touch()
+    assert [c for c, _ in results] == [503] * 20, results
+    for _, body in results:
+        assert body["error"]["type"] in ("worker_unavailable", "worker_died")
+    assert g.wait_serving()
 
 
-def test_queue_timeout_lets_burst_wait_for_restart(guards, standin) -> None:
-    g = guards(standin, env={"STANDIN_DELAY": "1.0"}, backoff=0.05, queue_timeout=15)
-    assert g.wait_serving(20)
+def test_queue_timeout_lets_burst_wait_for_restart(guards, standin, tmp_path) -> None:
+    held = tmp_path / "held"
+    g = guards(standin, env={"STANDIN_HOLD": str(held)}, backoff=0.05, queue_timeout=60)
+    assert g.wait_serving()
     assert call(g.url, "/v1/completions", {"behave": "abort_before"})[0] == 503
+    opener = threading.Timer(0.5, (held / "open").touch)  # not a bound: any delay works
+    opener.start()
     results = _burst(g.url, 20)
+    opener.join()
     assert [c for c, _ in results] == [200] * 20, results
 
 
@@ -477,7 +504,7 @@ def test_queue_timeout_retries_a_live_worker_with_a_full_backlog(guards, standin
     guard's 2 s connect timeout expires). Nothing was sent yet, so retrying is safe.
     """
     g = guards(standin, queue_timeout=15)
-    assert g.wait_serving(20)
+    assert g.wait_serving()
     busy = threading.Thread(
         target=call, args=(g.url, "/v1/completions", {"behave": "busy", "secs": 3})
     )
@@ -561,9 +588,8 @@ def test_sigkill_to_guard_never_orphans_worker(standin, tmp_path) -> None:
     try:
         proc.kill()
         proc.wait(5)
-        t0 = time.monotonic()
-        assert _gone_within([worker], 2.0), "worker outlived a SIGKILLed guard"
-        assert time.monotonic() - t0 < 2.0
+        # PR_SET_PDEATHSIG kills it at once; the bound only keeps a broken build from hanging
+        assert _gone_within([worker], 30.0), "worker outlived a SIGKILLed guard"
     finally:
         _cleanup([proc.pid, worker, grandchild])
 
@@ -604,7 +630,7 @@ def cached_tokens(reply: dict[str, Any]) -> int:
 
 def test_real_server_stream_and_plain_through_guard(guards, model_dir) -> None:
     g = guards([*MLX_SERVER, "--model", str(model_dir)], ready_timeout=90)
-    assert g.wait_serving(90)
+    assert g.wait_serving()
     code, reply = chat(g.url, "tell me a story")
     assert code == 200 and reply["usage"]["completion_tokens"] >= 1
     code, raw = chat(g.url, "tell me a story", stream=True)
@@ -630,7 +656,7 @@ def test_real_server_seed_scenario_abort_then_cold_cache(
     env = bootstrap_env(tmp_path / "inj", faults="1*cmdbuf_oom(abort)@request=boom")
     cmd = [*MLX_SERVER, "--model", str(model_dir)]
     g = guards(cmd, env=env, ready_timeout=90, backoff=0.05, warmup=warmup)
-    assert g.wait_serving(90)
+    assert g.wait_serving()
     prompt = "the quick brown fox jumps over the lazy dog " * 4
     assert chat(g.url, prompt)[0] == 200
     code, warm = chat(g.url, prompt)
@@ -642,7 +668,7 @@ def test_real_server_seed_scenario_abort_then_cold_cache(
     err = reply["error"]
     assert (err["type"], err["code"], err["exit_code"]) == ("worker_died", "cmdbuf_oom", -6)
 
-    assert g.wait_serving(90)
+    assert g.wait_serving()
     code, cold = chat(g.url, prompt)
     assert code == 200
     assert cached_tokens(cold) == (1 if warmup else 0)
