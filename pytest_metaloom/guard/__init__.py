@@ -5,8 +5,8 @@ sees; no in-process handler can answer the request. The guard owns the port, ans
 dead worker and restarts it (which resets the prompt cache by construction).
 """
 
-from .app import Guard, guard_command
-from .causes import Cause, classify_exit
-from .config import GuardConfig, GuardConfigError
+from pytest_metaloom.guard.app import Guard, guard_command
+from pytest_metaloom.guard.causes import Cause, classify_exit
+from pytest_metaloom.guard.config import GuardConfig, GuardConfigError
 
 __all__ = ["Cause", "Guard", "GuardConfig", "GuardConfigError", "classify_exit", "guard_command"]

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import GuardConfig, GuardConfigError, option_names
-from .proxy import GuardServer
-from .supervisor import FAILED, SERVING, Supervisor
+from pytest_metaloom.guard.config import GuardConfig, GuardConfigError, option_names
+from pytest_metaloom.guard.proxy import GuardServer
+from pytest_metaloom.guard.supervisor import FAILED, SERVING, Supervisor
 
 
 class Guard:

@@ -8,8 +8,8 @@ import sys
 import threading
 from pathlib import Path
 
-from .app import Guard
-from .config import GuardConfig, GuardConfigError
+from pytest_metaloom.guard.app import Guard
+from pytest_metaloom.guard.config import GuardConfig, GuardConfigError
 
 USAGE = "metaloom-guard [--host H] --port N [options] -- WORKER COMMAND..."
 

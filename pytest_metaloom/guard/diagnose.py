@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from . import probe
-from .evidence import says_wedged
+from pytest_metaloom.guard import probe
+from pytest_metaloom.guard.evidence import says_wedged
 
 if TYPE_CHECKING:
-    from .config import GuardConfig
-    from .supervisor import WorkerRun
+    from pytest_metaloom.guard.config import GuardConfig
+    from pytest_metaloom.guard.supervisor import WorkerRun
 
 SERVING = "serving"
 WEDGED = "wedged"

@@ -57,7 +57,7 @@ def says_wedged(body: bytes) -> bool:
 def _kind_of(error: str) -> tuple[str, bool]:
     """(kind, is_oom) of one error text with the shared classifier; runtime_error if unnamed."""
     try:
-        from pytest_metaloom.classify import classify_text
+        from pytest_metaloom.tools.classify import classify_text
     except ImportError:  # the guard must work without the harness around it
         return "runtime_error", False
     try:

@@ -25,9 +25,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from . import diagnose
-from .causes import Cause, forced_cause
-from .evidence import LogFailure
+from pytest_metaloom.guard import diagnose
+from pytest_metaloom.guard.causes import Cause, forced_cause
+from pytest_metaloom.guard.evidence import LogFailure
 
 
 def error_body(kind: str, message: str, code: str, **extra: Any) -> bytes:

@@ -23,12 +23,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from . import diagnose, probe
-from .causes import Cause, forced_cause
-from .evidence import read_failure, says_wedged
-from .failures import Reply, cause_error, death_reply, decide, error_body
-from .supervisor import Supervisor, WorkerRun
-from .watchdog import RECV, SEND, Watch, Watchdog
+from pytest_metaloom.guard import diagnose, probe
+from pytest_metaloom.guard.causes import Cause, forced_cause
+from pytest_metaloom.guard.evidence import read_failure, says_wedged
+from pytest_metaloom.guard.failures import Reply, cause_error, death_reply, decide, error_body
+from pytest_metaloom.guard.supervisor import Supervisor, WorkerRun
+from pytest_metaloom.guard.watchdog import RECV, SEND, Watch, Watchdog
 
 # Headers that describe one hop, not the message (RFC 9110 §7.6.1); never forwarded as-is.
 _HOP_BY_HOP = {

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import probe
-from .causes import Cause, classify_exit, forced_cause, signal_name
-from .config import GuardConfig
-from .worker import WorkerProcess, free_port, worker_argv
+from pytest_metaloom.guard import probe
+from pytest_metaloom.guard.causes import Cause, classify_exit, forced_cause, signal_name
+from pytest_metaloom.guard.config import GuardConfig
+from pytest_metaloom.guard.worker import WorkerProcess, free_port, worker_argv
 
 STARTING = "starting"
 SERVING = "serving"
