@@ -871,3 +871,38 @@ def test_closing_worker_proven_healthy_gets_502_and_is_kept(guards) -> None:
     assert "Retry-After" not in headers
     assert call(g.url, "/v1/completions", {"prompt": "x"})[0] == 200
     assert g.status()["worker_pid"] == first and g.status()["restarts"] == 0
+
+
+# ---- the matrix through the guard: stock rows that wedge the worker ------------------------
+
+
+@pytest.mark.timeout(900)
+def test_matrix_wedging_rows_on_stock_are_graceful_through_the_guard(pytester) -> None:
+    """Stock mlx-lm 0.32.2 wedges on batched synchronous and deferred errors. Behind the guard
+    each row must be graceful: the affected request answered (503, or 500 for the non-memory
+    control), the worker replaced (cache empty by construction), /health never 200 for the
+    wedged worker, recovery 200."""
+    report = pytester.path / "report.json"
+    result = pytester.runpytest_subprocess(
+        "-p",
+        "no:cacheprovider",
+        "--metal-oom",
+        "--metaloom-guard",
+        f"--metaloom-report={report}",
+        "--metaloom-paths=batched",
+        "--metaloom-semantics=sync,deferred",
+        "--metaloom-faults=resource_limit,cmdbuf_oom,runtime_error",
+        "-k",
+        "not cycles",
+    )
+    rows = json.loads(report.read_text())["scenarios"]
+    assert {r["semantics"] for r in rows} == {"sync", "deferred"}, rows
+    for row in rows:
+        facts = row["facts"]
+        assert row["outcome"] == "graceful", row
+        assert row["guard"] is True and facts["fired"]
+        assert facts["status"] == (500 if row["fault"] == "runtime_error" else 503), row
+        assert facts["worker_restarted"], row  # the wedged worker was replaced
+        assert facts["health_after_fault"] == 503, row  # never a lying 200
+        assert set(facts["recovery_statuses"]) == {200}, row
+    assert result.ret == pytest.ExitCode.OK

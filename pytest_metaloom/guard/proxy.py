@@ -90,8 +90,7 @@ class GuardServer(ThreadingHTTPServer):
             return None
         kind, evidence = found
         line = f"no byte from the worker for {sup.config.hang_timeout:g}s and {evidence}"
-        if sup.retire(run, forced_cause(kind, line)):
-            sup.log(f"watchdog: {line}; killed worker pid={run.worker.pid}")
+        sup.retire(run, forced_cause(kind, line))  # logs the evidence
         return kind
 
 
