@@ -28,6 +28,8 @@ import pytest
 from pytest_metaloom.guard import Guard, GuardConfigError, guard_command
 from pytest_metaloom.guard.causes import classify_exit
 from pytest_metaloom.guard.cli import main as guard_main
+from pytest_metaloom.guard.evidence import read_failure
+from pytest_metaloom.guard.failures import decide
 from pytest_metaloom.guard.watchdog import SEND, Watch, Watchdog
 from pytest_metaloom.guard.worker import worker_argv
 
@@ -252,6 +254,65 @@ def test_guard_command_builds_argv() -> None:
     assert argv[argv.index("--max-restarts") + 1] == "2"
     assert "--no-warmup" in argv
     assert argv[argv.index("--") + 1 :] == ["mlx_lm.server", "--model", "m"]
+
+
+LOOP_DEATH_LOG = """\
+2026-12-02 00:32:58,461 - ERROR - mlx_lm.server generation thread died: [metal::malloc] \
+Resource limit (499000) exceeded.
+Traceback (most recent call last):
+  File "mlx_lm/server.py", line 544, in _run_generate
+RuntimeError: [metal::malloc] Resource limit (499000) exceeded.
+"""
+
+
+def _traceback(last: str) -> str:
+    return f'Traceback (most recent call last):\n  File "x.py", line 1, in f\n{last}\n'
+
+
+def test_read_failure_tells_the_loops_death_from_a_request_error() -> None:
+    died = read_failure(LOOP_DEATH_LOG)
+    assert died is not None and died.loop_died and died.is_oom
+    assert died.kind == "resource_limit" and died.device_failure
+    cuda_text = "RuntimeError: cudaMallocAsync(&data, size, stream) failed: out of memory"
+    cuda = read_failure(_traceback(cuda_text))
+    assert cuda is not None and not cuda.loop_died and cuda.is_oom
+    assert cuda.kind == "unable_to_allocate"
+    bug = read_failure(_traceback("ValueError: bad template"))
+    assert bug is not None and bug.kind == "runtime_error" and not bug.device_failure
+    # a handler that only noticed an earlier death, or a client that left: not this request's
+    assert read_failure(_traceback("RuntimeError: generation thread died")) is None
+    assert read_failure(_traceback("BrokenPipeError: [Errno 32] Broken pipe")) is None
+    assert read_failure("INFO - Prompt processing progress: 10/11\n") is None
+
+
+def test_decide_answers_by_what_was_proven() -> None:
+    from pytest_metaloom.guard.diagnose import SERVING, UNKNOWN, WEDGED, Health
+
+    wedged, serving = Health(WEDGED, "its /health answered 503"), Health(SERVING, "ok")
+    oom = read_failure(LOOP_DEATH_LOG)
+    bug = read_failure(_traceback("ValueError: bad template"))
+    timeout_text = (
+        "RuntimeError: [METAL] Command buffer execution failed: Caused GPU Timeout Error "
+        "(00000002:kIOGPUCommandBufferCallbackErrorTimeout)."
+    )
+    gpu = read_failure(_traceback(timeout_text))
+    r = decide(wedged, oom, said_wedged=False)
+    assert (r.status, r.retry, r.cause.kind) == (503, False, "wedged") and r.retry_after
+    assert json.loads(r.body)["error"]["error_kind"] == "resource_limit"
+    r = decide(wedged, bug, said_wedged=False)
+    assert (r.status, r.cause.kind) == (500, "wedged")
+    r = decide(Health(UNKNOWN, "timed out"), None, said_wedged=True)
+    assert (r.status, r.retry, r.cause.kind) == (503, True, "wedged")
+    r = decide(serving, oom, said_wedged=False)
+    assert (r.status, r.cause.kind) == (503, "resource_limit")  # recycled: memory is suspect
+    r = decide(serving, gpu, said_wedged=False)
+    assert (r.status, r.cause) == (503, None)
+    r = decide(serving, bug, said_wedged=False)
+    assert (r.status, r.cause, r.retry_after) == (500, None, False)
+    r = decide(serving, None, said_wedged=False)
+    assert (r.status, json.loads(r.body)["error"]["code"]) == (502, "empty_response")
+    r = decide(Health(UNKNOWN, "timed out"), None, said_wedged=False)
+    assert (r.status, r.cause) == (503, None) and r.retry_after
 
 
 # ---- the watchdog on real sockets ---------------------------------------------------------
