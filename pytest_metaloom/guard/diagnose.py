@@ -65,6 +65,16 @@ def _failed_generation(answer: probe.Answer) -> bool:
     return answer.failure == probe.CLOSED
 
 
+def _ended(run: WorkerRun, cfg: GuardConfig) -> bool:
+    """Did the worker exit? Waits for the reaper's record of it (bounded) once it has."""
+    if run.died.wait(DEATH_GRACE):
+        return True
+    if not run.worker.exited():
+        return False
+    # exited but not reaped yet (a loaded machine, a core dump): the record is coming
+    return run.died.wait(cfg.stop_timeout + 5.0)
+
+
 def check(run: WorkerRun, cfg: GuardConfig, *, bound: float | None = None) -> Health:
     """Serving, wedged, dead or unknown, from the worker's /health and a one-token completion."""
     bound = cfg.probe_timeout if bound is None else bound
@@ -73,7 +83,7 @@ def check(run: WorkerRun, cfg: GuardConfig, *, bound: float | None = None) -> He
             return Health(DEAD, "the worker has already ended")
         health = probe.call(run.port, cfg.health_path, timeout=bound)
         if health.status is None and health.failure != probe.CLOSED:
-            if run.died.wait(DEATH_GRACE):
+            if _ended(run, cfg):
                 return Health(DEAD, "the worker exited")
             return Health(UNKNOWN, _said("its /health", health, bound))
         said = _said("its /health", health, bound)
@@ -84,7 +94,8 @@ def check(run: WorkerRun, cfg: GuardConfig, *, bound: float | None = None) -> He
                 return Health(SERVING, f"{said} and a one-token completion succeeded")
             return Health(UNKNOWN, f"{said} but a one-token completion succeeded")
         if _failed_generation(gen) or not health.ok:
-            if run.died.is_set():
+            if run.died.is_set() or run.worker.exited():
+                _ended(run, cfg)
                 return Health(DEAD, "the worker exited")
             return Health(WEDGED, f"{said}; {said_gen}")
         return Health(UNKNOWN, f"{said}; {said_gen}")

@@ -138,6 +138,20 @@ class WorkerProcess:
     def is_alive(self) -> bool:
         return self._proc.poll() is None
 
+    def exited(self) -> bool:
+        """True once the process has ended, even before its reaper collected the status.
+
+        Safe from any thread: it only looks (a zombie counts as ended), never reaps.
+        """
+        if self._proc.returncode is not None:
+            return True
+        try:
+            return psutil.Process(self.pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.Error:
+            return False
+
     def wait(self, timeout: float | None = None) -> int:
         """Wait for exit (raises subprocess.TimeoutExpired past the bound) and reap the watcher."""
         rc = self._proc.wait(timeout)
