@@ -331,6 +331,9 @@ class GuardHandler(BaseHTTPRequestHandler):
         asked after the answer never sees the old worker as serving.
         """
         sup = self.server.supervisor
+        if self._watch is not None:
+            # the worker's side is over: the hang bound must not fire on the diagnosis itself
+            self._watch.done = True
         cause = self._confirm_death(run, 0.05)
         if cause is not None:
             return death_reply(cause)
