@@ -893,8 +893,8 @@ def test_non_memory_request_error_is_500_and_the_worker_kept(guards) -> None:
 
 
 def test_watchdog_kills_a_hung_loop_but_not_a_busy_one(guards) -> None:
-    """Both are silent past hang_timeout and neither finishes a one-token probe; only the hung one
-    used no CPU while the probe waited."""
+    """Both are silent past hang_timeout and neither could finish a one-token probe; only the
+    hung one uses no CPU, so only it is probed and replaced."""
     g = guards(WEDGING, backoff=0.05, hang_timeout=0.5, probe_timeout=0.5)
     assert g.wait_serving()
     code, _, body = call(g.url, "/v1/completions", {"behave": "busy", "secs": 3})
@@ -902,7 +902,7 @@ def test_watchdog_kills_a_hung_loop_but_not_a_busy_one(guards) -> None:
     assert g.status()["restarts"] == 0
     code, _, body = call(g.url, "/v1/completions", {"behave": "hang"}, t=60)
     assert code == 503 and json.loads(body)["error"]["code"] == "hang", body
-    assert "CPU meanwhile" in g.status()["last_cause"]["line"]
+    assert "of a CPU before the probes" in g.status()["last_cause"]["line"]
     assert g.wait_serving()
 
 

@@ -30,8 +30,9 @@ UNKNOWN = "unknown"
 
 # How long a closed socket may precede the reaper's word that the process is gone.
 DEATH_GRACE = 1.0
-# A worker that burned this share of one core while a probe waited is working, not hung.
+# A worker that burns this share of one core is working, not hung (measured over CPU_WINDOW s).
 BUSY_SHARE = 0.05
+CPU_WINDOW = 0.25
 
 
 @dataclass(frozen=True)
@@ -116,23 +117,31 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def _cpu_share(pid: int, window: float) -> float | None:
+    """Share of one CPU the worker used over ``window`` seconds (None once it is gone)."""
+    before, t0 = cpu_seconds(pid), time.monotonic()
+    time.sleep(window)
+    after, spent = cpu_seconds(pid), time.monotonic() - t0
+    if before is None or after is None or spent <= 0:
+        return None
+    return (after - before) / spent
+
+
 def hang_check(run: WorkerRun, cfg: GuardConfig) -> tuple[str, str] | None:
     """The watchdog's question after ``hang_timeout`` of silence: (kind, evidence) or None.
 
-    None means keep waiting: the worker generates, or it is visibly working (it burned CPU
-    while the probe waited: a long prefill on a loaded machine is slow, not hung).
+    None means keep waiting: the worker is visibly working (it burns CPU: a long prefill on a
+    loaded machine is slow, not hung), or it still generates. The CPU look comes first and costs
+    the worker nothing; only an idle worker is sent probes.
     """
     bound = min(cfg.probe_timeout, cfg.hang_timeout)
-    cpu_before, t0 = cpu_seconds(run.worker.pid), time.monotonic()
+    share = _cpu_share(run.worker.pid, min(bound, CPU_WINDOW))
+    if share is not None and share >= BUSY_SHARE:
+        return None
     health = check(run, cfg, bound=bound)
     if health.state in (SERVING, DEAD):
         return None
     if health.state == WEDGED:
         return "wedged", health.evidence
-    cpu_after, spent = cpu_seconds(run.worker.pid), time.monotonic() - t0
-    if cpu_before is not None and cpu_after is not None and spent > 0:
-        share = (cpu_after - cpu_before) / spent
-        if share >= BUSY_SHARE:
-            return None
-        health = Health(UNKNOWN, f"{health.evidence}; it used {share:.0%} of a CPU meanwhile")
-    return "hang", health.evidence
+    used = f"{share:.0%}" if share is not None else "no measurable"
+    return "hang", f"{health.evidence}; it used {used} of a CPU before the probes"
