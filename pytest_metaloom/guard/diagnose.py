@@ -32,7 +32,7 @@ UNKNOWN = "unknown"
 DEATH_GRACE = 1.0
 # A worker that burns this share of one core is working, not hung (measured over CPU_WINDOW s).
 BUSY_SHARE = 0.05
-CPU_WINDOW = 0.25
+CPU_WINDOW = 0.5  # /proc counts CPU in 10 ms ticks: 0.5 s resolves a 2% share
 
 
 @dataclass(frozen=True)
