@@ -1,15 +1,24 @@
-"""Tiny bounded HTTP calls from the guard to its worker (readiness, warm-up, diagnosis)."""
+"""Tiny bounded HTTP calls from the guard to its worker (readiness, warm-up, diagnosis).
+
+Plain status-and-body HTTP, so it goes through the one helper (``server/http.py``, requests);
+what the guard adds is telling a worker that closed the connection unanswered from one that
+did not answer in time.
+"""
 
 from __future__ import annotations
 
-import http.client
 from dataclasses import dataclass
 
-# Enough of an error body to recognise a worker's own words; an answer is never buffered whole.
+from pytest_metaloom.server.http import HttpError
+from pytest_metaloom.server.http import request as http_request
+
+# Enough of an answer to recognise a worker's own words (its error bodies are small).
 _BODY_LIMIT = 4096
 
-NO_ANSWER = "no_answer"  # nothing within the bound (timeout or refused)
+NO_ANSWER = "no_answer"  # nothing within the bound (timed out, refused)
 CLOSED = "closed"  # the worker accepted the request and closed without a status line
+
+_CLOSED_MARKS = ("Connection aborted", "RemoteDisconnected", "ConnectionResetError")
 
 
 @dataclass(frozen=True)
@@ -35,20 +44,16 @@ def call(
     host: str = "127.0.0.1",
 ) -> Answer:
     """One request to the worker, bounded by ``timeout``; never raises for a network failure."""
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    headers = {"Content-Type": "application/json"} if body is not None else None
     try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        conn.request(method, path, body=body, headers=headers)
-        resp = conn.getresponse()
-        return Answer(resp.status, resp.read(_BODY_LIMIT))
-    except http.client.RemoteDisconnected:
-        return Answer(None, failure=CLOSED)
-    except (ConnectionResetError, BrokenPipeError):
-        return Answer(None, failure=CLOSED)
-    except (OSError, http.client.HTTPException):
-        return Answer(None, failure=NO_ANSWER)
-    finally:
-        conn.close()
+        status, content = http_request(
+            f"http://{host}:{port}{path}", method, data=body, timeout=timeout, headers=headers
+        )
+    except HttpError as exc:
+        why = f"{exc} {exc.__cause__!r}"
+        closed = any(mark in why for mark in _CLOSED_MARKS) and "timed out" not in str(exc)
+        return Answer(None, failure=CLOSED if closed else NO_ANSWER)
+    return Answer(status, content[:_BODY_LIMIT])
 
 
 def request(

@@ -20,6 +20,7 @@ from pytest_metaloom.guard import probe
 from pytest_metaloom.guard.causes import Cause, classify_exit, forced_cause, signal_name
 from pytest_metaloom.guard.config import GuardConfig
 from pytest_metaloom.guard.worker import WorkerProcess, free_port, worker_argv
+from pytest_metaloom.server import ports
 
 STARTING = "starting"
 SERVING = "serving"
@@ -169,6 +170,8 @@ class Supervisor:
                 run.worker.terminate_tree(self.config.stop_timeout)
 
     def _spawn(self) -> WorkerRun | None:
+        if self._run is not None:  # the previous worker is gone: give its port back
+            ports.release_port(self._run.port)
         port = free_port()
         argv = worker_argv(self.config.worker_cmd, port)
         try:
