@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .options import OPTIONS, resolve
+from pytest_metaloom.options import OPTIONS, resolve
 
 
 @dataclass(frozen=True)

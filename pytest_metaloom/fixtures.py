@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from .config import Settings
+from pytest_metaloom.config import Settings
 
 _STARTED: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -65,7 +65,7 @@ def start_server(
     warmup: bool = True,
 ) -> Any:
     """Start a LiveServer configured from arguments > options > ini > defaults."""
-    from .live import LiveServer
+    from pytest_metaloom.server.live import LiveServer
 
     settings = settings_of(request.config)
     factory = request.getfixturevalue("tmp_path_factory")
@@ -139,7 +139,7 @@ def metaloom_settings(request: pytest.FixtureRequest) -> Settings:
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """The built-in offline tiny llama model (built once, cached across sessions)."""
-    from .model import ModelSpec, build_tiny_model
+    from pytest_metaloom.server.model import ModelSpec, build_tiny_model
 
     return build_tiny_model(ModelSpec())
 
@@ -171,7 +171,7 @@ def mlx_server(mlx_server_session: Any) -> Iterator[Any]:
 
 
 def _healthy(server: Any) -> bool:
-    from .process import http_request
+    from pytest_metaloom.server.process import http_request
 
     if not server.is_alive():
         return False

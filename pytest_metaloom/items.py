@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from .config import Settings
+from pytest_metaloom.config import Settings
+from pytest_metaloom.report.document import PROPERTY
 
-PROPERTY = "metaloom"
 HANG_DEADLINE = 4.0  # seconds a `hang` scenario waits for any answer
 IMPLICIT = "installed"
 
@@ -59,8 +59,9 @@ class MatrixPool:
         if target.error:
             raise MatrixSetupError(target.error)
         if target.runner is None:
-            from .matrix import ScenarioRunner
-            from .patchset import PatchSetError, build_overlay
+            from pytest_metaloom.matrix.runner import ScenarioRunner
+            from pytest_metaloom.patchset.manifest import PatchSetError
+            from pytest_metaloom.patchset.overlay import build_overlay
 
             if target.patch_set is not None and target.overlay is None:
                 try:
@@ -85,8 +86,8 @@ class MatrixPool:
         return target.runner
 
     def _new_server(self, target: PatchTarget) -> Any:
-        from .fixtures import _STARTED
-        from .live import LiveServer
+        from pytest_metaloom.fixtures import _STARTED
+        from pytest_metaloom.server.live import LiveServer
 
         run_dir = Path(tempfile.mkdtemp(prefix=f"{target.label}-", dir=self.base_dir))
         server = LiveServer(
@@ -149,7 +150,7 @@ class ScenarioItem(pytest.Item):
     def setup(self) -> None:
         settings: Settings = self.config._metaloom_settings  # type: ignore[attr-defined]
         if settings.metaloom_real_metal:
-            from .realmetal import metal_unavailable_reason
+            from pytest_metaloom.matrix.realmetal import metal_unavailable_reason
 
             reason = metal_unavailable_reason()
             if reason:
@@ -259,7 +260,7 @@ def make_targets(settings: Settings) -> dict[str, PatchTarget]:
     specs = settings.metaloom_patch_set
     if not specs:
         return {IMPLICIT: PatchTarget(IMPLICIT, None)}
-    from .patchset import PatchSetError, load_patch_set
+    from pytest_metaloom.patchset.manifest import PatchSetError, load_patch_set
 
     targets: dict[str, PatchTarget] = {}
     for spec in specs:
@@ -277,7 +278,7 @@ def make_targets(settings: Settings) -> dict[str, PatchTarget]:
 
 
 def collect_matrix(session: pytest.Session, settings: Settings) -> list[pytest.Item]:
-    from .matrix import build_matrix
+    from pytest_metaloom.matrix.scenarios import build_matrix
 
     try:
         scenarios = build_matrix(
@@ -294,7 +295,7 @@ def collect_matrix(session: pytest.Session, settings: Settings) -> list[pytest.I
     base_dir = Path(tempfile.mkdtemp(prefix="metaloom-matrix-"))
     model = settings.model_path
     if model is None and not settings.metaloom_url:
-        from .model import ModelSpec, build_tiny_model
+        from pytest_metaloom.server.model import ModelSpec, build_tiny_model
 
         model = build_tiny_model(ModelSpec())
     session.config._metaloom_pool = MatrixPool(settings, base_dir, model, targets)  # type: ignore[attr-defined]
@@ -328,7 +329,7 @@ class RealMetalItem(pytest.Item):
         return ("metaloom", None, self.name)
 
     def setup(self) -> None:
-        from . import realmetal
+        from pytest_metaloom.matrix import realmetal
 
         reason = realmetal.metal_unavailable_reason()
         if reason:
@@ -341,7 +342,7 @@ class RealMetalItem(pytest.Item):
             config._metaloom_sysctl_cleanup = True  # type: ignore[attr-defined]
 
     def runtest(self) -> None:
-        from . import realmetal
+        from pytest_metaloom.matrix import realmetal
 
         pool: MatrixPool = self.config._metaloom_pool  # type: ignore[attr-defined]
         pool.runner(self.target)

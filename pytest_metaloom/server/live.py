@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .process import (
+from pytest_metaloom.server.process import (
     DEFAULT_READY_TIMEOUT,
     DEFAULT_START_TIMEOUT,
     DEFAULT_STOP_TIMEOUT,
@@ -45,7 +45,7 @@ class LiveServer:
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         warmup: bool = True,
     ) -> None:
-        from .injector import Injector, bootstrap_env
+        from pytest_metaloom.inject.injector import Injector, bootstrap_env
 
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ class LiveServer:
     def _behind_guard(
         self, command: Sequence[str] | None, server_args: Sequence[str]
     ) -> tuple[list[str], list[str]]:
-        from .guard import guard_command
+        from pytest_metaloom.guard import guard_command
 
         if command is None:
             if self.model is None:
