@@ -33,7 +33,10 @@ class Settings:
     metaloom_stream: list[str] = field(default_factory=list)
     metaloom_full_matrix: bool = False
     metaloom_seed: int = 0
-    metaloom_deadline: float = 20.0
+    metaloom_deadline: float = 60.0
+    metaloom_stall_floor: float = 2.0
+    metaloom_stall_multiplier: float = 20.0
+    metaloom_allow_unproven: bool = False
     metaloom_report: str | None = None
     metaloom_patch_set: list[str] = field(default_factory=list)
     metaloom_allow_version_mismatch: bool = False

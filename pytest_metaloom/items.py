@@ -20,7 +20,6 @@ import pytest
 from pytest_metaloom.config import Settings
 from pytest_metaloom.report.document import PROPERTY
 
-HANG_DEADLINE = 4.0  # seconds a `hang` scenario waits for any answer
 IMPLICIT = "installed"
 
 
@@ -73,19 +72,27 @@ class MatrixPool:
                 except PatchSetError as exc:
                     target.error = str(exc)  # every scenario of this set reports it once
                     raise MatrixSetupError(target.error) from None
-            server = self._new_server(target)
+            from pytest_metaloom.matrix.bounds import Bounds
+
+            settings = self.settings
+            bounds = Bounds(
+                floor=settings.metaloom_stall_floor,
+                multiplier=settings.metaloom_stall_multiplier,
+                cap=settings.metaloom_deadline,
+            )
+            server = self._new_server(target, bounds)
             server.start()
-            external = bool(self.settings.metaloom_url)
+            external = bool(settings.metaloom_url)
             target.runner = ScenarioRunner(
                 server,
-                hang_deadline=HANG_DEADLINE,
-                deadline=self.settings.metaloom_deadline,
-                seed=self.settings.metaloom_seed,
-                make_spare=None if external else (lambda: self._new_server(target)),
+                bounds=bounds,
+                seed=settings.metaloom_seed,
+                ready_timeout=settings.metaloom_ready_timeout,
+                make_spare=None if external else (lambda: self._new_server(target, bounds)),
             )
         return target.runner
 
-    def _new_server(self, target: PatchTarget) -> Any:
+    def _new_server(self, target: PatchTarget, bounds: Any) -> Any:
         from pytest_metaloom.fixtures import _STARTED
         from pytest_metaloom.server.live import LiveServer
 
@@ -98,9 +105,9 @@ class MatrixPool:
             overlay=target.overlay,
             guard=self.settings.metaloom_guard,
             # the matrix kills the worker on purpose, many times a minute: lift the
-            # production restart cap, and let the watchdog turn a hang into a restart
-            # well within the scenario's hang deadline
-            guard_options={"max_restarts": 10_000, "hang_timeout": HANG_DEADLINE / 4},
+            # production restart cap; the watchdog's hang timeout scales from the
+            # latency measured so far (the client waits a few of them for the guard)
+            guard_options={"max_restarts": 10_000, "hang_timeout": round(bounds.guard_hang, 2)},
             url=self.settings.metaloom_url,
             name=f"server-{target.label}",
             start_timeout=self.settings.metaloom_start_timeout,
@@ -199,6 +206,16 @@ def judge(item: Any, record: dict[str, Any], context: str, *, not_fired: str, un
     outcome = record["outcome"]
     if outcome == "not_fired":
         raise ScenarioFailure(not_fired, record, context)
+    if outcome == "unproven" and record["claimed"]:
+        if record["verdict"] == "unproven (allowed)":
+            return
+        missing = "; ".join(record.get("missing") or [])
+        raise ScenarioFailure(
+            f"unproven: no failure seen, but not shown either (missing: {missing}); "
+            "pass --metaloom-allow-unproven to accept it",
+            record,
+            context,
+        )
     if record["claimed"] and outcome != "graceful":
         raise ScenarioFailure(unmet, record, context)
     if not record["claimed"] and outcome != "graceful":
@@ -223,15 +240,29 @@ def reproduce_command(item: ScenarioItem) -> str:
     return shlex.join(argv)
 
 
+PASSING = ("met", "expected gap", "unclaimed but graceful", "unproven (allowed)")
+
+
+def _allow_unproven(item: Any) -> bool:
+    settings: Settings = item.config._metaloom_settings  # type: ignore[attr-defined]
+    return bool(settings.metaloom_allow_unproven)
+
+
+def _verdict(outcome: str, claimed: bool, allow_unproven: bool) -> str:
+    """The verdict word: what the outcome means for what the patch set claims."""
+    if outcome == "not_fired":
+        return "not fired"
+    if outcome == "unproven" and claimed:
+        return "unproven (allowed)" if allow_unproven else "unproven"
+    if claimed:
+        return "met" if outcome == "graceful" else "claimed but not met"
+    return "unclaimed but graceful" if outcome == "graceful" else "expected gap"
+
+
 def build_record(item: ScenarioItem, result: Any, claimed: bool) -> dict[str, Any]:
     scenario = item.scenario
     outcome = result.outcome.outcome
-    if outcome == "not_fired":
-        verdict = "not fired"
-    elif claimed:
-        verdict = "met" if outcome == "graceful" else "claimed but not met"
-    else:
-        verdict = "unclaimed but graceful" if outcome == "graceful" else "expected gap"
+    verdict = _verdict(outcome, claimed, _allow_unproven(item))
     return {
         "id": scenario.id,
         "nodeid": item.nodeid,
@@ -246,8 +277,9 @@ def build_record(item: ScenarioItem, result: Any, claimed: bool) -> dict[str, An
         "expected": "graceful" if claimed else "any (not claimed)",
         "claimed": claimed,
         "verdict": verdict,
-        "passed": verdict in ("met", "expected gap", "unclaimed but graceful"),
+        "passed": verdict in PASSING,
         "reasons": result.outcome.reasons,
+        "missing": result.outcome.missing,
         "facts": result.outcome.facts.to_dict(),
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
         "guard": bool(result.outcome.facts.behind_guard),
@@ -389,12 +421,7 @@ def build_real_record(item: RealMetalItem, result: Any, claimed: bool) -> dict[s
     """The report record of a real run, in the same shape as a simulated scenario's."""
     settings: Settings = item.config._metaloom_settings  # type: ignore[attr-defined]
     outcome = result.outcome.outcome
-    if outcome == "not_fired":
-        verdict = "not fired"
-    elif claimed:
-        verdict = "met" if outcome == "graceful" else "claimed but not met"
-    else:
-        verdict = "unclaimed but graceful" if outcome == "graceful" else "expected gap"
+    verdict = _verdict(outcome, claimed, _allow_unproven(item))
     argv = ["pytest", "--metal-oom", "--metaloom-real-metal", "-k", REAL_METAL_ID]
     if item.target.spec is not None:
         argv += ["--metaloom-patch-set", item.target.spec]
@@ -416,8 +443,9 @@ def build_real_record(item: RealMetalItem, result: Any, claimed: bool) -> dict[s
         "expected": "graceful" if claimed else "any (not claimed)",
         "claimed": claimed,
         "verdict": verdict,
-        "passed": verdict in ("met", "expected gap", "unclaimed but graceful"),
+        "passed": verdict in PASSING,
         "reasons": result.outcome.reasons,
+        "missing": result.outcome.missing,
         "facts": result.outcome.facts.to_dict(),
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
         "guard": bool(result.outcome.facts.behind_guard),
