@@ -137,7 +137,7 @@ OPTIONS: tuple[Option, ...] = (
         "Smallest stall bound in seconds: a request that gets no byte while the server "
         "uses no CPU for the bound is hung. The bound is the multiplier times the server's "
         "measured one-token latency, never below this floor; the matrix's guard hang "
-        "timeout is twice the bound.",
+        "timeout is four times the bound.",
         2.0,
         "float",
     ),

@@ -106,6 +106,7 @@ def test_full_evidence_is_graceful():
         ),
         ({"recovery_hung": True}, "wedged", "hung"),
         ({"cached_tokens_after": 18}, "no_cache_reset", "18 cached"),
+        ({"cached_tokens_cold": 2, "cached_tokens_after": 3}, "no_cache_reset", "3 cached"),
         ({"cache_sequences_after": 3}, "no_cache_reset", "3 sequences"),
         ({"memory_creep_bytes": 5 << 20}, "no_cache_reset", "crept"),
     ],
@@ -147,6 +148,12 @@ STREAM = dict(stream=True, status=200, stream_started=True, sse_error_event=True
 def test_stream_rules(changes, expected):
     outcome = classify(graceful_facts(**{**STREAM, **changes}))
     assert outcome.outcome == expected, outcome.reasons
+
+
+def test_a_shared_template_prefix_after_the_reset_is_still_cold():
+    """A bystander cached after the reset shares the chat template's first tokens."""
+    facts = graceful_facts(cached_tokens_cold=2, cached_tokens_after=2, cached_tokens_before=80)
+    assert classify(facts).outcome == "graceful"
 
 
 def test_runtime_error_needs_500_and_no_cache_reset():
@@ -200,6 +207,7 @@ def test_guard_restart_counts_as_survival_with_a_cold_cache():
         ({"cache_sequences_after": None}, "server-side prompt-cache event"),
         ({"cached_tokens_before": None}, "cached_tokens of the probe prompt before"),
         ({"cached_tokens_before": 0}, "proven warm before the fault"),
+        ({"cached_tokens_cold": 20, "cached_tokens_before": 20}, "proven warm before the fault"),
         ({"cached_tokens_after": None}, "cached_tokens of the probe prompt after"),
         ({"bystanders": ["unknown"]}, "bystander 1's answer"),
     ],
@@ -345,6 +353,7 @@ JUDGED = {
     "sse_error_cut_mid_event": (True, "request_lost"),
     "sse_stalls_after_tokens": (True, "hang"),
     "silent": (False, "hang"),
+    "slow_503": (False, "hang"),  # silent past the stall bound, and no progress signal
 }
 
 
@@ -370,6 +379,20 @@ def test_a_stall_is_a_hang_long_before_the_deadline():
         obs = workload.chat(server.url, workload.single_turn(), stream=True, deadline=60, stall=0.3)
     assert obs.stalled and obs.timed_out and obs.got_bytes and not obs.complete
     assert time.monotonic() - started < 30  # bounded by the stall, not the 60 s deadline
+
+
+def test_progress_keeps_a_silent_but_working_server_from_being_hung():
+    """A long prefill sends nothing for seconds; the server's CPU counter says it works."""
+    with adversarial_server("slow_503") as server:
+        working = workload.chat(
+            server.url, workload.single_turn(), deadline=30, stall=0.5, progress=time.monotonic
+        )
+        idle = workload.chat(
+            server.url, workload.single_turn(), deadline=30, stall=0.5, progress=lambda: 1.0
+        )
+    assert working.status == 503 and working.complete and not working.timed_out
+    assert classify(graceful_facts(**request_facts(working))).outcome == "graceful"
+    assert idle.stalled and classify(graceful_facts(**request_facts(idle))).outcome == "hang"
 
 
 @pytest.mark.parametrize(

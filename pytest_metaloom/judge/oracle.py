@@ -84,6 +84,7 @@ class Facts:
     recovery_hung: bool | None = None
     # cache reset
     cache_sequences_after: int | None = None
+    cached_tokens_cold: int | None = None  # the probe's first (never seen) send
     cached_tokens_before: int | None = None
     cached_tokens_after: int | None = None
     # blast radius: one BYSTANDER_* word per request in flight beside the affected one
@@ -274,23 +275,27 @@ def cache_rule(f: Facts) -> list[Finding]:
         found.append(
             ("no_cache_reset", f"the prompt cache still holds {f.cache_sequences_after} sequences")
         )
+    # "cold" = no more cache than the probe got on its first, never-seen send: a prompt
+    # cached after the reset may share the chat template's first tokens with the probe
+    cold = max(f.cached_tokens_cold or 0, 0)
     if f.cached_tokens_before is None:
         found.append(_missing("usage.cached_tokens of the probe prompt before the fault"))
-    elif f.cached_tokens_before <= 0:
+    elif f.cached_tokens_before <= cold:
         found.append(
             _missing(
-                "a probe prompt proven warm before the fault (it reported 0 cached tokens, so "
-                "a cold answer after the fault proves nothing)"
+                f"a probe prompt proven warm before the fault (it reported "
+                f"{f.cached_tokens_before} cached tokens, no more than a cold send, so a cold "
+                "answer after the fault proves nothing)"
             )
         )
     if f.cached_tokens_after is None:
         found.append(_missing("usage.cached_tokens of the probe prompt after the fault"))
-    elif f.cached_tokens_after > 0:
+    elif f.cached_tokens_after > cold:
         found.append(
             (
                 "no_cache_reset",
                 f"a prompt warm before the fault still reports {f.cached_tokens_after} cached "
-                "tokens after it",
+                f"tokens after it (a cold send got {cold})",
             )
         )
     return found

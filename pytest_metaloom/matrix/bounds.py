@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 
 DEFAULT_STALL_FLOOR = 2.0  # seconds: the smallest no-progress bound
 DEFAULT_STALL_MULTIPLIER = 20.0  # x the worst recent one-token latency
-GUARD_HANG_FACTOR = 2.0  # the guard's hang timeout, in stall bounds
+# The guard sees only bytes, and a cold prefill of a long conversation (a tool-loop turn
+# after a cache reset) sends none for many seconds while its one-token probe queues
+# behind it: its hang timeout gets four stall bounds before it kills a silent worker.
+GUARD_HANG_FACTOR = 4.0  # the guard's hang timeout, in stall bounds
 GUARD_SLACK = 3.0  # behind the guard the client waits this many guard hang timeouts
 
 
@@ -51,8 +54,7 @@ class Bounds:
 
     @property
     def guard_hang(self) -> float:
-        """The guard's hang timeout. The guard sees only bytes (no CPU progress), so it
-        gets more room than the client's stall bound before it kills a silent worker."""
+        """The guard's hang timeout (``GUARD_HANG_FACTOR`` stall bounds)."""
         return self.stall * GUARD_HANG_FACTOR
 
     def client_stall(self, guard: bool) -> float:

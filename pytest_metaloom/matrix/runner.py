@@ -238,7 +238,7 @@ class ScenarioRunner:
         hang_kind = scenario.kind.family == "hang"
 
         probe = workload.single_turn(PROBE_PROMPT + f" [{scenario.id}]")
-        self._chat(probe, max_tokens=1, seed=seed)
+        cold = self._chat(probe, max_tokens=1, seed=seed)
         warm = self._chat(probe, max_tokens=1, seed=seed)
         pid_before = server.pid
         guard_restarts_before = self._guard_restarts()
@@ -317,6 +317,7 @@ class ScenarioRunner:
                 health_timeout=self.stall,
             ),
             cache_sequences_after=sequences_after,
+            cached_tokens_cold=cold.cached_tokens if cold.ok else None,
             cached_tokens_before=warm.cached_tokens if warm.ok else None,
             cached_tokens_after=cached_after,
             memory_after=memory_after,

@@ -113,6 +113,11 @@ BEHAVIOURS: dict[str, Behaviour] = {
     "sse_error_cut_mid_event": _once(SSE_HEAD + b"data: " + TOKEN + b"\n\ndata: " + ERROR_BYTES),
     "sse_stalls_after_tokens": _once(SSE_HEAD + b"data: " + TOKEN + b"\n\n", hold=True),
     "silent": _once(b"", hold=True),
+    # a correct answer after a silent pause: hung to a client that sees only bytes,
+    # fine to one that also sees the server computing (see workload.post's progress)
+    "slow_503": Behaviour(
+        ((b"", 1.5), (_json_head("503 Service Unavailable", len(ERROR_BYTES)) + ERROR_BYTES, 0.0))
+    ),
 }
 
 
