@@ -81,6 +81,7 @@ class ScenarioRunner:
         self.seed = seed
         self.cycles = cycles
         self._ids = itertools.count()
+        self._probes = itertools.count()
         self._loop: tuple[list[dict], int] = ([], 0)
         self._watched: tuple[Any, Callable[[], float] | None] | None = None
 
@@ -237,7 +238,8 @@ class ScenarioRunner:
         seed = self.seed if scenario.path == "sequential" else None
         hang_kind = scenario.kind.family == "hang"
 
-        probe = workload.single_turn(PROBE_PROMPT + f" [{scenario.id}]")
+        # unique per run (a cycles scenario repeats its id): its first send must be cold
+        probe = workload.single_turn(PROBE_PROMPT + f" [{scenario.id} #{next(self._probes)}]")
         cold = self._chat(probe, max_tokens=1, seed=seed)
         warm = self._chat(probe, max_tokens=1, seed=seed)
         pid_before = server.pid
