@@ -198,6 +198,12 @@ OPTIONS: tuple[Option, ...] = (
 BY_DEST = {option.dest: option for option in OPTIONS}
 
 
+def default(dest: str) -> Any:
+    """The default of option ``dest``: this table is the one home of every option default
+    (``Settings`` and the server timeouts read it from here)."""
+    return BY_DEST[dest].default
+
+
 def convert(option: Option, value: Any) -> Any:
     """Turn a raw string (ini or environment) into the option's type."""
     if value is None or value == "" or value == []:
@@ -206,10 +212,14 @@ def convert(option: Option, value: Any) -> Any:
         if isinstance(value, bool):
             return value
         return str(value).strip().lower() in {"1", "true", "yes", "on"}
-    if option.kind == "float":
-        return float(value)
-    if option.kind == "int":
-        return int(value)
+    if option.kind in ("float", "int"):
+        try:
+            return float(value) if option.kind == "float" else int(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{option.flag} (ini {option.ini}, env {option.env}) needs a "
+                f"{'number' if option.kind == 'float' else 'whole number'}, got {value!r}"
+            ) from None
     if option.kind == "csv":
         if isinstance(value, (list, tuple)):
             value = ",".join(value)

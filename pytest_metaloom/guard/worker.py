@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -47,10 +46,11 @@ while alive(worker):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel just handed out; short race window, acceptable for a private loopback."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A worker port from the one allocator (``server/ports.py``): outside the ephemeral
+    range and claimed across processes until ``ports.release_port`` (or this process ends)."""
+    from pytest_metaloom.server import ports
+
+    return ports.claim_free_port(host)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -138,6 +138,20 @@ class WorkerProcess:
     def is_alive(self) -> bool:
         return self._proc.poll() is None
 
+    def exited(self) -> bool:
+        """True once the process has ended, even before its reaper collected the status.
+
+        Safe from any thread: it only looks (a zombie counts as ended), never reaps.
+        """
+        if self._proc.returncode is not None:
+            return True
+        try:
+            return psutil.Process(self.pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.Error:
+            return False
+
     def wait(self, timeout: float | None = None) -> int:
         """Wait for exit (raises subprocess.TimeoutExpired past the bound) and reap the watcher."""
         rc = self._proc.wait(timeout)
@@ -185,6 +199,24 @@ class WorkerProcess:
             return self.wait(5.0)
         except subprocess.TimeoutExpired:
             return None
+
+    def stderr_size(self) -> int:
+        """Bytes written to stderr so far (a mark for ``stderr_since``)."""
+        try:
+            return os.stat(self.stderr_path).st_size
+        except OSError:
+            return 0
+
+    def stderr_since(self, mark: int, max_bytes: int = 65536) -> str:
+        """What the worker wrote to stderr after ``mark``: its last ``max_bytes`` at most."""
+        try:
+            with open(self.stderr_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(mark, size - max_bytes))
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
 
     def stderr_tail(self, max_bytes: int = 16384) -> str:
         """The last ``max_bytes`` of the worker's stderr, where aborts print their reason."""
