@@ -123,6 +123,16 @@ def judge(item: Any, record: dict[str, Any], context: str, *, not_fired: str, un
     outcome = record["outcome"]
     if outcome == "not_fired":
         raise ScenarioFailure(not_fired, record, context)
+    if outcome == "unproven" and record["claimed"]:
+        if record["verdict"] == "unproven (allowed)":
+            return
+        missing = "; ".join(record.get("missing") or [])
+        raise ScenarioFailure(
+            f"unproven: no failure seen, but not shown either (missing: {missing}); "
+            "pass --metaloom-allow-unproven to accept it",
+            record,
+            context,
+        )
     if record["claimed"] and outcome != "graceful":
         raise ScenarioFailure(unmet, record, context)
     if not record["claimed"] and outcome != "graceful":
@@ -147,15 +157,28 @@ def reproduce_command(item: ScenarioItem) -> str:
     return shlex.join(argv)
 
 
+PASSING = ("met", "expected gap", "unclaimed but graceful", "unproven (allowed)")
+
+
+def _allow_unproven(item: Any) -> bool:
+    return bool(_settings(item).metaloom_allow_unproven)
+
+
+def _verdict(outcome: str, claimed: bool, allow_unproven: bool) -> str:
+    """The verdict word: what the outcome means for what the patch set claims."""
+    if outcome == "not_fired":
+        return "not fired"
+    if outcome == "unproven" and claimed:
+        return "unproven (allowed)" if allow_unproven else "unproven"
+    if claimed:
+        return "met" if outcome == "graceful" else "claimed but not met"
+    return "unclaimed but graceful" if outcome == "graceful" else "expected gap"
+
+
 def build_record(item: ScenarioItem, result: Any, claimed: bool) -> dict[str, Any]:
     scenario = item.scenario
     outcome = result.outcome.outcome
-    if outcome == "not_fired":
-        verdict = "not fired"
-    elif claimed:
-        verdict = "met" if outcome == "graceful" else "claimed but not met"
-    else:
-        verdict = "unclaimed but graceful" if outcome == "graceful" else "expected gap"
+    verdict = _verdict(outcome, claimed, _allow_unproven(item))
     return {
         "id": scenario.id,
         "nodeid": item.nodeid,
@@ -170,8 +193,9 @@ def build_record(item: ScenarioItem, result: Any, claimed: bool) -> dict[str, An
         "expected": "graceful" if claimed else "any (not claimed)",
         "claimed": claimed,
         "verdict": verdict,
-        "passed": verdict in ("met", "expected gap", "unclaimed but graceful"),
+        "passed": verdict in PASSING,
         "reasons": result.outcome.reasons,
+        "missing": result.outcome.missing,
         "facts": result.outcome.facts.to_dict(),
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
         "guard": bool(result.outcome.facts.behind_guard),
@@ -297,12 +321,7 @@ def build_real_record(item: RealMetalItem, result: Any, claimed: bool) -> dict[s
     """The report record of a real run, in the same shape as a simulated scenario's."""
     settings = _settings(item)
     outcome = result.outcome.outcome
-    if outcome == "not_fired":
-        verdict = "not fired"
-    elif claimed:
-        verdict = "met" if outcome == "graceful" else "claimed but not met"
-    else:
-        verdict = "unclaimed but graceful" if outcome == "graceful" else "expected gap"
+    verdict = _verdict(outcome, claimed, _allow_unproven(item))
     argv = ["pytest", "--metal-oom", "--metaloom-real-metal", "-k", REAL_METAL_ID]
     if item.target.spec is not None:
         argv += ["--metaloom-patch-set", item.target.spec]
@@ -324,8 +343,9 @@ def build_real_record(item: RealMetalItem, result: Any, claimed: bool) -> dict[s
         "expected": "graceful" if claimed else "any (not claimed)",
         "claimed": claimed,
         "verdict": verdict,
-        "passed": verdict in ("met", "expected gap", "unclaimed but graceful"),
+        "passed": verdict in PASSING,
         "reasons": result.outcome.reasons,
+        "missing": result.outcome.missing,
         "facts": result.outcome.facts.to_dict(),
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
         "guard": bool(result.outcome.facts.behind_guard),

@@ -127,9 +127,32 @@ OPTIONS: tuple[Option, ...] = (
     Option("--metaloom-seed", "Seed for probabilistic faults and scenario order.", 0, "int"),
     Option(
         "--metaloom-deadline",
-        "Seconds a request may take before it counts as a hang.",
+        "Longest seconds any one request may take; a request that makes no progress "
+        "for the stall bound counts as hung sooner.",
+        60.0,
+        "float",
+    ),
+    Option(
+        "--metaloom-stall-floor",
+        "Smallest stall bound in seconds: a request that gets no byte while the server "
+        "uses no CPU for the bound is hung. The bound is the multiplier times the server's "
+        "measured one-token latency, never below this floor; the matrix's guard hang "
+        "timeout is four times the bound.",
+        2.0,
+        "float",
+    ),
+    Option(
+        "--metaloom-stall-multiplier",
+        "Stall bound = this many times the worst recent one-token latency of the server.",
         20.0,
         "float",
+    ),
+    Option(
+        "--metaloom-allow-unproven",
+        "Let 'unproven' scenarios (no failure seen, but a witness missing, e.g. no usage "
+        "counts from the server) pass instead of failing.",
+        False,
+        "bool",
     ),
     Option(
         "--metaloom-report",

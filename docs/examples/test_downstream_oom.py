@@ -30,6 +30,8 @@ def run_fault(server, spec_for):
     server.disarm()
 
     again = workload.chat(server.url, probe, max_tokens=1, seed=SEED, deadline=10)
+    # the server-side cache witness: the fewest cached sequences any event showed
+    cache_counts = [e["cache"]["sequences"] for e in server.events(events_before) if e.get("cache")]
     facts = oracle.Facts(
         fault="resource_limit",
         fired=bool(fired),
@@ -39,6 +41,7 @@ def run_fault(server, spec_for):
         health_after_recovery=workload.health(server.url),
         recovery_statuses=[again.status],
         recovery_ok=again.ok,
+        cache_sequences_after=min(cache_counts, default=None),
         cached_tokens_before=warm.cached_tokens,
         cached_tokens_after=again.cached_tokens,
         **oracle.request_facts(affected),

@@ -1,23 +1,117 @@
 """Client side of a scenario: send requests and record, byte-honestly, what came back.
 
 The server's access log prints 200 even when the client got nothing, so the client is
-the only witness that counts. Requests go over a raw socket so that "no status line",
-"stream cut before [DONE]" and "no byte before the deadline" are all told apart.
+the only witness that counts. Responses are framed by ``h11`` (a maintained HTTP/1.1
+parser: chunked bodies, Content-Length, read-until-close, malformed framing) while this
+module keeps the socket, so it still sees which bytes arrived and when: "no status
+line", "stream cut before [DONE]", "no byte for the stall bound" and "not valid HTTP"
+stay distinct facts. Server-sent events are parsed per the WHATWG specification.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import h11
+
 REQUEST_ID_HEADER = "X-Metaloom-Request-Id"
+DEFAULT_DEADLINE = 20.0
+_READ = 65536
+
+
+@dataclass
+class SseEvent:
+    """One dispatched server-sent event (``event`` defaults to ``message``)."""
+
+    data: str
+    event: str = "message"
+    comments_before: int = 0  # comment lines seen since the previous event
+
+    def payload(self) -> Any:
+        try:
+            return json.loads(self.data)
+        except ValueError:
+            return None
+
+
+class SseParser:
+    """Incremental ``text/event-stream`` parser following the WHATWG rules.
+
+    Lines end in CRLF, LF or CR; a line starting with ``:`` is a comment; ``field:value``
+    drops one leading space from the value; ``data`` lines of one event are joined with
+    newlines; a blank line dispatches; an event without a final blank line is not
+    dispatched (the stream was cut inside it).
+    """
+
+    def __init__(self) -> None:
+        self.events: list[SseEvent] = []
+        self.comments = 0
+        self._text = ""
+        self._data: list[str] = []
+        self._event = ""
+        self._comments_since = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def feed(self, chunk: bytes) -> None:
+        self._text += self._decoder.decode(chunk)
+        while True:
+            index = _line_end(self._text)
+            if index is None:
+                return
+            end, width = index
+            line, self._text = self._text[:end], self._text[end + width :]
+            self._line(line)
+
+    def _line(self, line: str) -> None:
+        if line == "":
+            self._dispatch()
+            return
+        if line.startswith(":"):
+            self.comments += 1
+            self._comments_since += 1
+            return
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        # id and retry carry nothing a verdict needs; unknown fields are ignored (spec)
+
+    def _dispatch(self) -> None:
+        if self._data:
+            self.events.append(
+                SseEvent(
+                    data="\n".join(self._data),
+                    event=self._event or "message",
+                    comments_before=self._comments_since,
+                )
+            )
+            self._comments_since = 0
+        self._data = []
+        self._event = ""
+
+
+def _line_end(text: str) -> tuple[int, int] | None:
+    """Where the first line ends and how wide its terminator is (CRLF, LF or CR)."""
+    for index, char in enumerate(text):
+        if char == "\n":
+            return index, 1
+        if char == "\r":
+            if index + 1 == len(text):
+                return None  # a CR at the end may be the first half of CRLF: wait
+            return index, 2 if text[index + 1] == "\n" else 1
+    return None
 
 
 @dataclass
@@ -30,12 +124,16 @@ class Observation:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     sse_data: list[str] = field(default_factory=list)
+    sse_events: list[dict[str, Any]] = field(default_factory=list)
+    sse_comments: int = 0
     done: bool = False
-    complete: bool = False
+    complete: bool = False  # the HTTP message ended where its framing says it ends
     ttfb: float | None = None
     elapsed: float = 0.0
     timed_out: bool = False
+    stalled: bool = False  # no byte for the stall bound (a subset of timed_out)
     connection_error: str | None = None
+    protocol_error: str | None = None
 
     @property
     def got_bytes(self) -> bool:
@@ -50,47 +148,64 @@ class Observation:
         except (ValueError, UnicodeDecodeError):
             return None
 
-    @property
-    def error_event(self) -> dict | None:
-        """The first SSE event that carries an ``error`` object, if any."""
+    def _payloads(self) -> list[Any]:
+        out = []
         for data in self.sse_data:
             try:
-                payload = json.loads(data)
+                out.append(json.loads(data))
             except ValueError:
-                continue
-            if isinstance(payload, dict) and "error" in payload:
-                return payload
+                out.append(None)
+        return out
+
+    @property
+    def error_index(self) -> int | None:
+        """Index (in ``sse_events``) of the first event that reports an error."""
+        for index, event in enumerate(self.sse_events):
+            payload = _loads(event["data"])
+            if event["event"] == "error" or (isinstance(payload, dict) and "error" in payload):
+                return index
         return None
+
+    @property
+    def error_event(self) -> dict | None:
+        """The payload of the first SSE error event, if any (``{}`` if it is not JSON)."""
+        index = self.error_index
+        if index is None:
+            return None
+        payload = _loads(self.sse_events[index]["data"])
+        return payload if isinstance(payload, dict) else {}
+
+    @property
+    def done_after_error(self) -> bool:
+        """[DONE] came after the error event (the order a client can rely on)."""
+        index = self.error_index
+        if index is None or not self.done:
+            return False
+        return any(e["data"] == "[DONE]" for e in self.sse_events[index + 1 :])
 
     @property
     def token_events(self) -> int:
         """SSE events that carried generated output (not the error, not [DONE])."""
-        count = 0
-        for data in self.sse_data:
-            try:
-                payload = json.loads(data)
-            except ValueError:
-                continue
-            if isinstance(payload, dict) and "choices" in payload:
-                count += 1
-        return count
+        return sum(1 for p in self._payloads() if isinstance(p, dict) and "choices" in p)
 
     @property
     def started_before_error(self) -> bool:
-        """Stream bytes (tokens or keep-alive comments) reached the client before any error."""
-        if not self.stream or not self.body:
+        """Stream events or keep-alive comments reached the client before any error."""
+        if not self.stream:
             return False
-        marker = self.body.find(b'data: {"error"')
-        return marker != 0 and bool(self.body[: marker if marker > 0 else None].strip())
+        index = self.error_index
+        before = self.sse_events if index is None else self.sse_events[:index]
+        comments = sum(e["comments_before"] for e in before)
+        if index is not None:
+            comments += self.sse_events[index]["comments_before"]
+        elif not self.sse_events:
+            comments = self.sse_comments
+        return bool(before) or comments > 0
 
     @property
     def usage(self) -> dict | None:
         if self.stream:
-            for data in reversed(self.sse_data):
-                try:
-                    payload = json.loads(data)
-                except ValueError:
-                    continue
+            for payload in reversed(self._payloads()):
                 if isinstance(payload, dict) and payload.get("usage"):
                     return payload["usage"]
             return None
@@ -102,22 +217,33 @@ class Observation:
         usage = self.usage or {}
         details = usage.get("prompt_tokens_details") or {}
         value = details.get("cached_tokens")
-        return int(value) if value is not None else None
+        return int(value) if isinstance(value, (int, float)) else None
 
     @property
     def ok(self) -> bool:
-        """A complete, successful completion."""
-        if self.status != 200 or not self.complete:
+        """A complete, successful completion: 200, whole, and a completion (not an error)."""
+        if self.status != 200 or not self.complete or self.timed_out:
             return False
-        return self.done and self.error_event is None if self.stream else self.json is not None
+        if self.stream:
+            return self.done and self.error_index is None
+        payload = self.json
+        return isinstance(payload, dict) and "choices" in payload and "error" not in payload
 
     def summary(self) -> dict[str, Any]:
         data = asdict(self)
         data["body"] = self.body[:500].decode(errors="replace")
         data["sse_data"] = self.sse_data[-5:]
+        data["sse_events"] = self.sse_events[-5:]
         data["error_event"] = self.error_event
         data["cached_tokens"] = self.cached_tokens
         return data
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def new_request_id(prefix: str = "req") -> str:
@@ -148,107 +274,141 @@ def post(
     *,
     request_id: str | None = None,
     path: str = "/v1/chat/completions",
-    deadline: float = 20.0,
+    deadline: float = DEFAULT_DEADLINE,
+    stall: float | None = None,
+    progress: Callable[[], float] | None = None,
+    progress_step: float = 0.05,
 ) -> Observation:
-    """POST one request and read the answer to its end, the deadline, or a cut."""
+    """POST one request and read the answer to its end, a cut, the deadline or a stall.
+
+    ``deadline`` bounds the whole exchange; ``stall`` (default: the deadline) bounds the
+    time without progress, so a server that stopped working is seen as hung after
+    ``stall`` seconds, however long the deadline. Progress is a new byte or, when
+    ``progress`` is given (e.g. the server's CPU seconds), that counter growing by
+    ``progress_step``: a long prefill sends nothing for seconds but is not hung.
+    """
     parts = urlsplit(base_url)
     request_id = request_id or new_request_id()
     obs = Observation(request_id=request_id, stream=bool(body.get("stream")))
     payload = json.dumps(body).encode()
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {parts.hostname}:{parts.port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-        f"{REQUEST_ID_HEADER}: {request_id}\r\nConnection: close\r\n\r\n"
-    ).encode()
+    host = f"{parts.hostname}:{parts.port}"
+    conn = h11.Connection(our_role=h11.CLIENT)
+    request = h11.Request(
+        method="POST",
+        target=path,
+        headers=[
+            ("Host", host),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(payload))),
+            (REQUEST_ID_HEADER, request_id),
+            ("Connection", "close"),
+        ],
+    )
+    wire = conn.send(request) + conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage())
+    stall = deadline if stall is None else min(stall, deadline)
     started = time.monotonic()
     end = started + deadline
-    raw = bytearray()
+    last_progress = started
+    watch = _Progress(progress, progress_step)
+    body_bytes = bytearray()
+    sse = SseParser()
     try:
         with socket.create_connection(
-            (parts.hostname, parts.port), timeout=min(5.0, deadline)
+            (parts.hostname, parts.port), timeout=max(0.05, min(5.0, deadline))
         ) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.sendall(head + payload)
-            while True:
-                remaining = end - time.monotonic()
-                if remaining <= 0:
+            sock.sendall(wire)
+            last_progress = time.monotonic()
+            finished = False
+            while not finished:
+                now = time.monotonic()
+                if now >= end:
                     obs.timed_out = True
                     break
-                sock.settimeout(min(remaining, 1.0))
+                if watch.moved():
+                    last_progress = now
+                if now - last_progress >= stall:
+                    obs.timed_out = obs.stalled = True
+                    break
+                wait = min(end - now, last_progress + stall - now, watch.interval)
+                sock.settimeout(max(0.01, wait))
                 try:
-                    chunk = sock.recv(65536)
+                    chunk = sock.recv(_READ)
                 except TimeoutError:
                     continue
-                if not chunk:
-                    break
-                if obs.ttfb is None:
+                if chunk and obs.ttfb is None:
                     obs.ttfb = time.monotonic() - started
-                raw += chunk
-                if _finished(raw, obs.stream):
-                    break
+                if chunk:
+                    last_progress = time.monotonic()
+                conn.receive_data(chunk)
+                finished = _drain(conn, obs, body_bytes, sse) or not chunk
+    except h11.RemoteProtocolError as exc:
+        obs.protocol_error = str(exc) or exc.__class__.__name__
     except OSError as exc:
         obs.connection_error = f"{exc.__class__.__name__}: {exc}"
     obs.elapsed = time.monotonic() - started
-    _parse(bytes(raw), obs)
+    obs.body = bytes(body_bytes)
+    if obs.stream:
+        obs.sse_events = [asdict(e) for e in sse.events]
+        obs.sse_comments = sse.comments
+        obs.sse_data = [e.data for e in sse.events if e.data != "[DONE]"]
+        obs.done = any(e.data == "[DONE]" for e in sse.events)
     return obs
 
 
-def _split_head(raw: bytes) -> tuple[bytes, bytes] | None:
-    index = raw.find(b"\r\n\r\n")
-    if index < 0:
-        return None
-    return raw[:index], raw[index + 4 :]
+class _Progress:
+    """Samples a progress counter (at most every ``interval`` s); ``moved`` says it grew."""
 
+    def __init__(self, counter: Callable[[], float] | None, step: float) -> None:
+        self.counter = counter
+        self.step = step
+        self.interval = 0.25 if counter is not None else 1.0
+        self._base = self._read()
+        self._next = time.monotonic() + self.interval
 
-def _finished(raw: bytes, stream: bool) -> bool:
-    """Stop reading early once a response is whole (a server may keep the socket)."""
-    split = _split_head(raw)
-    if split is None:
+    def _read(self) -> float | None:
+        if self.counter is None:
+            return None
+        try:
+            return self.counter()
+        except Exception:  # the process is gone: no more progress
+            return None
+
+    def moved(self) -> bool:
+        if self.counter is None or time.monotonic() < self._next:
+            return False
+        self._next = time.monotonic() + self.interval
+        value = self._read()
+        if value is None or self._base is None:
+            self._base = value
+            return False
+        if value - self._base >= self.step:
+            self._base = value
+            return True
         return False
-    head, body = split
-    length = None
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value.strip() or 0)
-    if length is not None:
-        return len(body) >= length
-    return stream and b"data: [DONE]" in body
 
 
-def _parse(raw: bytes, obs: Observation) -> None:
-    split = _split_head(raw)
-    if split is None:
-        obs.body = raw
-        return
-    head, body = split
-    lines = head.decode(errors="replace").split("\r\n")
-    status_parts = lines[0].split(" ", 2)
-    if len(status_parts) >= 2 and status_parts[0].startswith("HTTP/") and status_parts[1].isdigit():
-        obs.status = int(status_parts[1])
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        obs.headers[name.strip().lower()] = value.strip()
-    obs.body = body
-    content_type = obs.headers.get("content-type", "")
-    if "text/event-stream" in content_type:
-        obs.stream = True
-        for block in body.decode(errors="replace").split("\n\n"):
-            for line in block.split("\n"):
-                if line.startswith("data:"):
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        obs.done = True
-                    else:
-                        obs.sse_data.append(data)
-        obs.complete = obs.done
-    else:
-        obs.stream = False
-        length = obs.headers.get("content-length")
-        if length is not None and length.isdigit():
-            obs.complete = len(body) >= int(length)
-        else:
-            obs.complete = obs.status is not None and not obs.timed_out and bool(body)
+def _drain(conn: h11.Connection, obs: Observation, body: bytearray, sse: SseParser) -> bool:
+    """Pull every event h11 can frame from what arrived; True once the answer is over."""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            return False
+        if isinstance(event, h11.InformationalResponse):
+            continue
+        if isinstance(event, h11.Response):
+            obs.status = event.status_code
+            obs.headers = {k.decode().lower(): v.decode(errors="replace") for k, v in event.headers}
+            obs.stream = "text/event-stream" in obs.headers.get("content-type", "")
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if obs.stream:
+                sse.feed(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            obs.complete = True
+            return True
+        elif event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
+            return True
 
 
 def chat(
@@ -256,17 +416,24 @@ def chat(
     messages: Sequence[dict],
     *,
     request_id: str | None = None,
-    deadline: float = 20.0,
+    deadline: float = DEFAULT_DEADLINE,
+    stall: float | None = None,
+    progress: Callable[[], float] | None = None,
     **body_args: Any,
 ) -> Observation:
     """Send one chat completion (see :func:`chat_body` for the body arguments)."""
     return post(
-        base_url, chat_body(messages, **body_args), request_id=request_id, deadline=deadline
+        base_url,
+        chat_body(messages, **body_args),
+        request_id=request_id,
+        deadline=deadline,
+        stall=stall,
+        progress=progress,
     )
 
 
 def health(base_url: str, *, timeout: float = 5.0) -> int | None:
-    """Status of ``/health``, or None when nothing answers."""
+    """Status of ``/health``, or None when nothing answers within ``timeout``."""
     from pytest_metaloom.server.process import http_request
 
     try:

@@ -17,7 +17,6 @@ from typing import Any
 
 from pytest_metaloom.config import Settings
 
-HANG_DEADLINE = 4.0  # seconds a `hang` scenario waits for any answer
 IMPLICIT = "installed"
 WORST_CASE_DEADLINES = 12
 """How many request deadlines one scenario can spend at most: two warm-up requests, the
@@ -47,7 +46,7 @@ def item_timeout(settings: Settings) -> float:
         from pytest_metaloom.matrix.realmetal import DEFAULT_MAX_TURNS
 
         deadlines = DEFAULT_MAX_TURNS + 4
-    return float(round(server + deadlines * max(settings.metaloom_deadline, HANG_DEADLINE)))
+    return float(round(server + deadlines * settings.metaloom_deadline))
 
 
 def live_test_timeout(settings: Settings) -> float:
@@ -151,19 +150,27 @@ class MatrixPool:
                 except PatchSetError as exc:
                     target.error = str(exc)  # every scenario of this set reports it once
                     raise MatrixSetupError(target.error) from None
-            server = self._new_server(target)
+            from pytest_metaloom.matrix.bounds import Bounds
+
+            settings = self.settings
+            bounds = Bounds(
+                floor=settings.metaloom_stall_floor,
+                multiplier=settings.metaloom_stall_multiplier,
+                cap=settings.metaloom_deadline,
+            )
+            server = self._new_server(target, bounds)
             server.start()
-            external = bool(self.settings.metaloom_url)
+            external = bool(settings.metaloom_url)
             target.runner = ScenarioRunner(
                 server,
-                hang_deadline=HANG_DEADLINE,
-                deadline=self.settings.metaloom_deadline,
-                seed=self.settings.metaloom_seed,
-                make_spare=None if external else (lambda: self._new_server(target)),
+                bounds=bounds,
+                seed=settings.metaloom_seed,
+                ready_timeout=settings.metaloom_ready_timeout,
+                make_spare=None if external else (lambda: self._new_server(target, bounds)),
             )
         return target.runner
 
-    def _new_server(self, target: PatchTarget) -> Any:
+    def _new_server(self, target: PatchTarget, bounds: Any) -> Any:
         from pytest_metaloom.server.live import LiveServer
 
         run_dir = Path(tempfile.mkdtemp(prefix=f"{target.label}-", dir=self.base_dir))
@@ -175,9 +182,9 @@ class MatrixPool:
             overlay=target.overlay,
             guard=self.settings.metaloom_guard,
             # the matrix kills the worker on purpose, many times a minute: lift the
-            # production restart cap, and let the watchdog turn a hang into a restart
-            # well within the scenario's hang deadline
-            guard_options={"max_restarts": 10_000, "hang_timeout": HANG_DEADLINE / 4},
+            # production restart cap; the watchdog's hang timeout scales from the
+            # latency measured so far (the client waits a few of them for the guard)
+            guard_options={"max_restarts": 10_000, "hang_timeout": round(bounds.guard_hang, 2)},
             url=self.settings.metaloom_url,
             name=f"server-{target.label}",
             start_timeout=self.settings.metaloom_start_timeout,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,7 +19,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pytest_metaloom.judge import workload
-from pytest_metaloom.judge.oracle import Facts, Outcome, classify, request_facts
+from pytest_metaloom.judge.oracle import (
+    Facts,
+    Outcome,
+    bystander_fact,
+    classify,
+    request_facts,
+)
+from pytest_metaloom.matrix.bounds import Bounds, cpu_progress
 from pytest_metaloom.matrix.scenarios import PROBE_PROMPT, Scenario
 
 
@@ -42,18 +50,25 @@ class ScenarioResult:
 
 
 class ScenarioRunner:
-    """Runs scenarios one after another against one server, restarting it when needed."""
+    """Runs scenarios one after another against one server, restarting it when needed.
+
+    Every wait is a bound derived from the server's own measured latency (``Bounds``):
+    a request that makes no progress for the stall bound is hung, whatever the deadline.
+    An injected hang is never released before its verdict: the affected request and the
+    recovery probes meet the stuck server, then the server is replaced by a spare.
+    """
 
     def __init__(
         self,
         server: Any,
         *,
-        deadline: float = 20.0,
-        hang_deadline: float = 4.0,
+        deadline: float = 60.0,
         seed: int = 0,
         cycles: int = 4,
         make_spare: Callable[[], Any] | None = None,
         spares: int = 2,
+        bounds: Bounds | None = None,
+        ready_timeout: float = 120.0,
     ) -> None:
         self.server = server
         self.make_spare = make_spare
@@ -61,28 +76,59 @@ class ScenarioRunner:
         self._pool: list[Future[Any]] = []
         self._executor: ThreadPoolExecutor | None = None
         self.retired: list[Any] = []
-        self.deadline = deadline
-        self.hang_deadline = hang_deadline
+        self.bounds = bounds or Bounds(cap=deadline)
+        self.ready_timeout = ready_timeout
         self.seed = seed
         self.cycles = cycles
         self._ids = itertools.count()
+        self._probes = itertools.count()
         self._loop: tuple[list[dict], int] = ([], 0)
+        self._watched: tuple[Any, Callable[[], float] | None] | None = None
+
+    @property
+    def deadline(self) -> float:
+        return self.bounds.deadline(self._guarded)
+
+    @property
+    def stall(self) -> float:
+        return self.bounds.client_stall(self._guarded)
+
+    @property
+    def _guarded(self) -> bool:
+        return bool(getattr(self.server, "guard", False))
 
     def request_id(self, scenario: Scenario) -> str:
         """Ids derive from the seed: the same seed replays the same specs and requests."""
         digest = hashlib.sha1(f"{self.seed}|{scenario.id}|{next(self._ids)}".encode())
         return f"{scenario.fault}-{digest.hexdigest()[:10]}"
 
+    def _chat(self, messages: list[dict], **kwargs: Any) -> workload.Observation:
+        kwargs.setdefault("deadline", self.deadline)
+        kwargs.setdefault("stall", self.stall)
+        kwargs.setdefault("progress", self._progress())
+        return workload.chat(self.server.url, messages, **kwargs)
+
+    def _progress(self) -> Callable[[], float] | None:
+        """CPU seconds of the current server's tree (a new server gets a new counter)."""
+        server = self.server
+        if self._watched is None or self._watched[0] is not server:
+            self._watched = (server, cpu_progress(getattr(server, "pid", None)))
+        return self._watched[1]
+
     # -- server hygiene ------------------------------------------------------------
     def ensure_clean(self) -> bool:
-        """Restart the server if it died, wedged, or still holds an armed fault."""
+        """Restart the server if it died, wedged, or still holds an armed fault.
+
+        The one-token ping that proves generation also measures the latency that every
+        bound of the next scenario scales from.
+        """
         self._start_spare()
         healthy = (
-            self.server.is_alive()
-            and workload.health(self.server.url) == 200
-            # /health can lie (a wedged worker behind a supervisor): prove it generates
-            and workload.chat(self.server.url, workload.single_turn("ping"), max_tokens=1).ok
+            self.server.is_alive() and workload.health(self.server.url, timeout=self.stall) == 200
         )
+        if healthy:
+            # /health can lie (a wedged worker behind a supervisor): prove it generates
+            healthy = self.measure()
         if healthy:
             try:
                 self.server.disarm()
@@ -90,7 +136,18 @@ class ScenarioRunner:
                 healthy = False
         if not healthy:
             self._replace_server()
+            self.measure()
         return not healthy
+
+    def measure(self, samples: int = 1) -> bool:
+        """Time one-token completions; True when every one succeeded."""
+        ok = True
+        for _ in range(samples):
+            ping = self._chat(workload.single_turn("ping"), max_tokens=1)
+            if ping.ok:
+                self.bounds.record(ping.elapsed)
+            ok = ok and ping.ok
+        return ok
 
     # A server killed or wedged by a scenario is replaced by a hot spare that was
     # started (and warmed up) in the background while the scenario ran: restarts then
@@ -131,14 +188,12 @@ class ScenarioRunner:
             self._executor = None
 
     def _guard_restarts(self) -> int | None:
-        if not getattr(self.server, "guard", False):
+        if not self._guarded:
             return None
         from pytest_metaloom.server.process import http_request
 
         try:
-            import json
-
-            _, body = http_request(self.server.url + "/metaloom/status", timeout=3)
+            _, body = http_request(self.server.url + "/metaloom/status", timeout=self.stall)
             return int(json.loads(body).get("restarts", 0))
         except (OSError, ValueError):
             return None
@@ -164,6 +219,7 @@ class ScenarioRunner:
         if len(results) == self.cycles and all(v is not None for v in samples):
             facts.memory_creep_bytes = max(0, samples[-1] - samples[0])
         timings = {k: sum(r.timings.get(k, 0.0) for r in results) for k in last.timings}
+        timings.update({k: v for k, v in last.timings.items() if k.startswith("bound_")})
         return ScenarioResult(
             scenario=scenario,
             outcome=classify(facts),
@@ -180,11 +236,12 @@ class ScenarioRunner:
         timings["prepare"] = time.monotonic() - t0
         server = self.server
         seed = self.seed if scenario.path == "sequential" else None
-        deadline = self.hang_deadline if scenario.fault == "hang" else self.deadline
+        hang_kind = scenario.kind.family == "hang"
 
-        probe = workload.single_turn(PROBE_PROMPT + f" [{scenario.id}]")
-        workload.chat(server.url, probe, max_tokens=1, seed=seed, deadline=self.deadline)
-        warm = workload.chat(server.url, probe, max_tokens=1, seed=seed, deadline=self.deadline)
+        # unique per run (a cycles scenario repeats its id): its first send must be cold
+        probe = workload.single_turn(PROBE_PROMPT + f" [{scenario.id} #{next(self._probes)}]")
+        cold = self._chat(probe, max_tokens=1, seed=seed)
+        warm = self._chat(probe, max_tokens=1, seed=seed)
         pid_before = server.pid
         guard_restarts_before = self._guard_restarts()
         events_before = len(server.events())
@@ -192,58 +249,62 @@ class ScenarioRunner:
         rid = self.request_id(scenario)
         server.arm(scenario.spec(rid))
         t_armed = time.monotonic()
-        affected, bystanders = self._drive(scenario, rid, seed, deadline)
+        affected, bystanders = self._drive(scenario, rid, seed)
         timings["drive"] = time.monotonic() - t_armed
 
         t_fault = time.monotonic()
-        fired_events = self._wait_fired(events_before, scenario)
-        if scenario.semantics == "abort" and not getattr(server, "guard", False):
-            self._wait_exit(5.0)
+        fired_events = self._wait_fired(events_before)
+        if scenario.semantics == "abort" and not self._guarded:
+            self._wait_exit(self.stall)
         alive = server.is_alive()
-        status_after = {}
-        if alive:
-            try:
-                status_after = server.disarm()
-            except Exception:
-                alive = server.is_alive()
-        fired = bool(fired_events) or _fired_count(status_after) > 0
-        health_after_fault = workload.health(server.url) if alive else None
-        if alive and getattr(server, "guard", False):
-            self._wait_serving(60.0)  # a restarting worker: the guard answers 503 meanwhile
+        # A hang is not released before its verdict: read the injector's counters
+        # without disarming (disarming would let the stuck evaluation go on).
+        status_after = self._injector_status(release=not hang_kind) if alive else {}
+        alive = server.is_alive()
+        fired: bool | None = bool(fired_events) or _fired_count(status_after) > 0
+        if not fired and not status_after and alive:
+            fired = None  # neither the event log nor the injector could say
+        health_after_fault = workload.health(server.url, timeout=self.stall) if alive else None
+        restarts_mid = self._guard_restarts()
+        if (
+            alive
+            and restarts_mid is not None
+            and guard_restarts_before is not None
+            and restarts_mid > guard_restarts_before
+        ):
+            # the guard restarted the worker: recovery is judged once the new worker
+            # answers /health (bounded by the ready timeout); the guard says 503 meanwhile
+            self._wait_serving(self.ready_timeout)
 
-        # recovery: the probe first (cache reset evidence), then ordinary requests
+        # recovery: the probe first (cache reset evidence), then ordinary requests; the
+        # first one that hangs ends the phase (the server is stuck, more would only wait)
         recovery: list[workload.Observation] = []
-        cached_after = None
-        sequences_after = None
-        memory_after = None
+        cached_after = sequences_after = memory_after = None
         if alive:
-            probe_obs = workload.chat(
-                server.url, probe, max_tokens=1, seed=seed, deadline=min(self.deadline, 10)
-            )
+            probe_obs = self._chat(probe, max_tokens=1, seed=seed)
             recovery.append(probe_obs)
             cached_after = probe_obs.cached_tokens if probe_obs.ok else None
             start_event = self._start_event(events_before, probe_obs.request_id)
-            sequences_after = (start_event.get("cache") or {}).get("sequences")
+            sequences_after = self._cache_low_water(events_before, probe_obs.request_id)
             memory_after = (start_event.get("memory") or {}).get("active")
+            followers: list[Callable[[], workload.Observation]] = []
             if scenario.workload == "tool_loop":  # the loop goes on: nothing lost silently
-                recovery.append(self._next_turn(seed, min(self.deadline, 10)))
+                followers.append(lambda: self._next_turn(seed))
             for path_seed in (seed, None if seed is not None else 3):
-                recovery.append(
-                    workload.chat(
-                        server.url,
-                        workload.single_turn("after the fault"),
-                        max_tokens=2,
-                        seed=path_seed,
-                        deadline=min(self.deadline, 10),
+                followers.append(
+                    lambda s=path_seed: self._chat(
+                        workload.single_turn("after the fault"), max_tokens=2, seed=s
                     )
                 )
+            for follow in followers:
+                if recovery[-1].timed_out:
+                    break
+                recovery.append(follow())
         timings["fault_to_verdict"] = time.monotonic() - t_fault
         guard_restarts_after = self._guard_restarts()
-        worker_restarted = (
-            guard_restarts_before is not None
-            and guard_restarts_after is not None
-            and guard_restarts_after > guard_restarts_before
-        )
+        worker_restarted = None
+        if guard_restarts_before is not None and guard_restarts_after is not None:
+            worker_restarted = guard_restarts_after > guard_restarts_before
         facts = Facts(
             fault=scenario.fault,
             expected_status=scenario.kind.expected_status,
@@ -255,19 +316,22 @@ class ScenarioRunner:
                 pid_before=pid_before,
                 health_after_fault=health_after_fault,
                 recovery=recovery,
+                health_timeout=self.stall,
             ),
             cache_sequences_after=sequences_after,
-            cached_tokens_before=warm.cached_tokens,
+            cached_tokens_cold=cold.cached_tokens if cold.ok else None,
+            cached_tokens_before=warm.cached_tokens if warm.ok else None,
             cached_tokens_after=cached_after,
             memory_after=memory_after,
             bystanders=[
-                b.status if isinstance(b, workload.Observation) else None for b in bystanders
+                bystander_fact(b, affected, scenario.kind.expected_status) for b in bystanders
             ],
             **request_facts(affected),
         )
         timings["total"] = time.monotonic() - t0
+        timings.update({f"bound_{k}": v for k, v in self.bounds.to_dict().items() if v})
         new_events = server.events()[events_before:]
-        return ScenarioResult(
+        result = ScenarioResult(
             scenario=scenario,
             outcome=classify(facts),
             events=new_events,
@@ -275,19 +339,34 @@ class ScenarioRunner:
             log_tail=server.log_tail(30),
             restarted_before=restarted,
         )
+        stuck = affected.timed_out or any(o.timed_out for o in recovery)
+        if stuck or hang_kind:
+            # the verdict is in: only now release the hang, then replace the stuck server
+            self._injector_status(release=True)
+            if stuck and server.is_alive():
+                self._replace_server()
+        return result
+
+    def _injector_status(self, *, release: bool) -> dict:
+        """The injector's per-point counters: ``disarm`` (releases hangs) or ``status``."""
+        injector = getattr(self.server, "injector", None)
+        try:
+            if release:
+                return self.server.disarm()
+            return injector.status() if injector is not None else {}
+        except Exception:  # the server died meanwhile: the event log still says
+            return {}
 
     def _drive(
-        self, scenario: Scenario, rid: str, seed: int | None, deadline: float
+        self, scenario: Scenario, rid: str, seed: int | None
     ) -> tuple[workload.Observation, list[Any]]:
-        url = self.server.url
         if scenario.workload == "tool_loop":
-            return self._tool_loop(seed, deadline), []
+            return self._tool_loop(seed), []
 
         def affected() -> workload.Observation:
             if scenario.bystanders:
                 time.sleep(0.05)  # bystanders are in flight first: the blast radius
-            return workload.chat(
-                url,
+            return self._chat(
                 # unique per request: a prompt cached by an earlier scenario would
                 # leave nothing to prefill, and a prefill fault would never fire
                 workload.single_turn(f"Explain why GPUs run out of memory ({rid})."),
@@ -295,49 +374,38 @@ class ScenarioRunner:
                 stream=scenario.stream,
                 max_tokens=8,
                 seed=seed,
-                deadline=deadline,
             )
 
         def bystander() -> workload.Observation:
-            return workload.chat(
-                url,
-                workload.single_turn("a bystander question"),
-                max_tokens=4,
-                seed=seed,
-                deadline=deadline,
-            )
+            return self._chat(workload.single_turn("a bystander question"), max_tokens=4, seed=seed)
 
+        # each request is bounded by its own deadline; the join adds a margin on top
         results = workload.concurrently(
-            [affected, *[bystander] * scenario.bystanders], timeout=deadline + 5
+            [affected, *[bystander] * scenario.bystanders], timeout=self.deadline + 5
         )
         return results[0], results[1:]
 
-    def _tool_loop(self, seed: int | None, deadline: float, max_turns: int = 8) -> Any:
+    def _tool_loop(self, seed: int | None, max_turns: int = 8) -> Any:
         """Turns until one fails (the limit was crossed); the conversation is kept so the
         recovery phase can carry on with the next turn, as the seed report's agent would."""
         self._loop = (workload.tool_loop_start(), 0)
         last = None
         for _ in range(max_turns):
-            last = self._next_turn(seed, deadline)
+            last = self._next_turn(seed)
             if not last.ok or not self.server.is_alive():
                 break
         return last
 
-    def _next_turn(self, seed: int | None, deadline: float) -> workload.Observation:
+    def _next_turn(self, seed: int | None) -> workload.Observation:
         messages, turn = self._loop
         messages = workload.tool_loop_turn(messages, turn)
         self._loop = (messages, turn + 1)
-        return workload.chat(
-            self.server.url,
-            messages,
-            max_tokens=4,
-            seed=seed,
-            tools=[workload.WEATHER_TOOL],
-            deadline=deadline,
-        )
+        return self._chat(messages, max_tokens=4, seed=seed, tools=[workload.WEATHER_TOOL])
 
-    def _wait_fired(self, since: int, scenario: Scenario, timeout: float = 2.0) -> list[dict]:
-        end = time.monotonic() + timeout
+    def _wait_fired(self, since: int) -> list[dict]:
+        """The fired event is written before the failure is reported, so it is normally
+        there already; the wait only covers the log write racing the HTTP answer."""
+        end = time.monotonic() + self.stall
         while True:
             fired = [e for e in self.server.events()[since:] if e.get("event") == "fired"]
             if fired or time.monotonic() > end:
@@ -346,13 +414,32 @@ class ScenarioRunner:
 
     def _wait_serving(self, timeout: float) -> None:
         end = time.monotonic() + timeout
-        while workload.health(self.server.url) != 200 and time.monotonic() < end:
+        while workload.health(self.server.url, timeout=self.stall) != 200:
+            if time.monotonic() >= end:
+                return
             time.sleep(0.1)
 
     def _wait_exit(self, timeout: float) -> None:
         end = time.monotonic() + timeout
         while self.server.is_alive() and time.monotonic() < end:
             time.sleep(0.05)
+
+    def _cache_low_water(self, since: int, probe_id: str) -> int | None:
+        """Fewest prompt-cache sequences any cache event showed from the fault to the
+        probe. A bystander may refill the cache after the reset, so the count at the
+        probe alone would blame the reset for a later insert; an emptied cache shows as 0.
+        """
+        counts: list[int] = []
+        after_fault = False
+        for event in self.server.events()[since:]:
+            name = event.get("event")
+            after_fault = after_fault or name in ("fired", "raised")
+            cache = event.get("cache") if after_fault else None
+            if isinstance(cache, dict) and isinstance(cache.get("sequences"), int):
+                counts.append(cache["sequences"])
+            if name == "request_start" and event.get("request_id") == probe_id:
+                break
+        return min(counts) if counts else None
 
     def _start_event(self, since: int, request_id: str) -> dict:
         for event in self.server.events()[since:]:
@@ -367,8 +454,12 @@ def survival_facts(
     pid_before: int | None,
     health_after_fault: int | None,
     recovery: Sequence[workload.Observation],
+    health_timeout: float = 5.0,
 ) -> dict[str, Any]:
-    """Process and recovery fields of :class:`Facts`, read the same way by every runner."""
+    """Process and recovery fields of :class:`Facts`, read the same way by every runner.
+
+    No recovery request means no recovery evidence (``None``), never "recovered".
+    """
     alive = server.is_alive()
     return {
         "alive": alive,
@@ -378,10 +469,12 @@ def survival_facts(
         "signal": server.signal,
         "behind_guard": bool(getattr(server, "guard", False)),
         "health_after_fault": health_after_fault,
-        "health_after_recovery": workload.health(server.url) if alive else None,
+        "health_after_recovery": (
+            workload.health(server.url, timeout=health_timeout) if alive else None
+        ),
         "recovery_statuses": [o.status for o in recovery],
-        "recovery_ok": bool(recovery) and all(o.ok for o in recovery),
-        "recovery_hung": any(o.timed_out for o in recovery),
+        "recovery_ok": all(o.ok for o in recovery) if recovery else None,
+        "recovery_hung": any(o.timed_out for o in recovery) if recovery else None,
     }
 
 

@@ -16,6 +16,8 @@ MARK = {
     "claimed but not met": "FAIL",
     "not fired": "FAIL",
     "unclaimed but graceful": "ok",
+    "unproven": "FAIL",
+    "unproven (allowed)": "allowed",
 }
 
 
