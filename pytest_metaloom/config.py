@@ -39,6 +39,10 @@ class Settings:
     metaloom_allow_version_mismatch: bool = False
     metaloom_guard: bool = False
     metaloom_real_metal: bool = False
+    metaloom_real_device: bool = False
+    metaloom_headroom: str = "3GiB"
+    metaloom_turn_words: int = 0
+    metaloom_model_spec: str | None = None
     metaloom_sysctl: bool = False
 
     @classmethod

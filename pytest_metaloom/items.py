@@ -295,13 +295,22 @@ def collect_matrix(session: pytest.Session, settings: Settings) -> list[pytest.I
     base_dir = Path(tempfile.mkdtemp(prefix="metaloom-matrix-"))
     model = settings.model_path
     if model is None and not settings.metaloom_url:
-        from pytest_metaloom.server.model import ModelSpec, build_tiny_model
+        from pytest_metaloom.server.model import ModelError, build_tiny_model, spec_from_text
 
-        model = build_tiny_model(ModelSpec())
+        text = settings.metaloom_model_spec or "tiny"
+        if not settings.metaloom_model_spec and settings.metaloom_real_device:
+            from pytest_metaloom.matrix import realdevice
+
+            # a few GB of headroom outlast the tiny model's KV cache by far
+            text = "large" if realdevice.device_backend() == "cuda" else "tiny"
+        try:
+            model = build_tiny_model(spec_from_text(text))
+        except ModelError as exc:
+            raise pytest.UsageError(f"metaloom: --metaloom-model-spec: {exc}") from exc
     session.config._metaloom_pool = MatrixPool(settings, base_dir, model, targets)  # type: ignore[attr-defined]
     collector = MatrixCollector.from_parent(session, name="metaloom")
-    if settings.metaloom_real_metal:
-        return collect_real_metal(collector, targets)
+    if settings.metaloom_real_metal or settings.metaloom_real_device:
+        return collect_real(collector, targets, device=settings.metaloom_real_device)
     items: list[pytest.Item] = []
     for target in targets.values():
         for scenario in scenarios:
@@ -312,42 +321,54 @@ def collect_matrix(session: pytest.Session, settings: Settings) -> list[pytest.I
     return items
 
 
-# ---------------------------------------------------------------------- real Metal mode
-# One item per patch set: no simulated fault, the real limits lowered and the tool loop
-# driven until MLX fails by itself (realmetal.py). Off Apple Silicon every item skips.
+# ---------------------------------------------------------------------- real-device mode
+# One item per patch set: no simulated fault; memory made scarce for real (Metal: lowered
+# limits; CUDA: a headroom helper, realdevice.py) and the tool loop driven until MLX
+# fails by itself. Off a GPU every item skips with the reason.
 
 REAL_METAL_ID = "real-metal-tool_loop"
+REAL_DEVICE_ID = "real-device-tool_loop"
 
 
 class RealMetalItem(pytest.Item):
-    def __init__(self, *, target: PatchTarget, **kwargs: Any) -> None:
+    def __init__(self, *, target: PatchTarget, device: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.target = target
+        self.device = device  # --metaloom-real-device (any GPU) vs --metaloom-real-metal
         self.add_marker("metal_oom")
 
     def reportinfo(self) -> tuple[str, int | None, str]:
         return ("metaloom", None, self.name)
 
     def setup(self) -> None:
-        from pytest_metaloom.matrix import realmetal
+        from pytest_metaloom.matrix import realdevice, realmetal
 
-        reason = realmetal.metal_unavailable_reason()
+        if self.device:
+            reason = realdevice.unavailable_reason()
+        else:
+            reason = realmetal.metal_unavailable_reason()
         if reason:
             pytest.skip(reason)
         config = self.config
         if not getattr(config, "_metaloom_sysctl_cleanup", False):
             # session teardown (also reached on Ctrl-C and on SIGTERM, which the plugin
-            # turns into KeyboardInterrupt) puts back any ceiling still lowered
-            config.add_cleanup(realmetal.restore_all)
+            # turns into KeyboardInterrupt) puts back any ceiling still lowered and
+            # stops any headroom helper still holding GPU memory
+            config.add_cleanup(realdevice.release_everything)
             config._metaloom_sysctl_cleanup = True  # type: ignore[attr-defined]
 
     def runtest(self) -> None:
-        from pytest_metaloom.matrix import realmetal
+        from pytest_metaloom.matrix import realdevice, realmetal
 
         pool: MatrixPool = self.config._metaloom_pool  # type: ignore[attr-defined]
         pool.runner(self.target)
-        plan = realmetal.plan_for(pool.settings, pool.model)
-        result = realmetal.run_real_scenario(self.target.server, plan)
+        if self.device:
+            plan, pressure = realdevice.plan_for(pool.settings, pool.model)
+            result = realdevice.run_real_device(self.target.server, plan, pressure)
+        else:
+            result = realmetal.run_real_scenario(
+                self.target.server, realmetal.plan_for(pool.settings, pool.model)
+            )
         claimed = self.target.patch_set is None or (
             result.kind is not None
             and self.target.patch_set.claims_scenario(
@@ -360,8 +381,9 @@ class RealMetalItem(pytest.Item):
             record,
             f"--- server log tail ---\n{result.log_tail}",
             not_fired=(
-                "no real failure happened: this run proved nothing (lower the limits, add "
-                "--metaloom-sysctl, or use a bigger --metaloom-model)"
+                "no real failure happened: this run proved nothing (lower the limits or "
+                "--metaloom-headroom, add --metaloom-sysctl, raise --metaloom-turn-words, "
+                "or use a bigger --metaloom-model-spec)"
             ),
             unmet=f"real failure not handled: observed {result.outcome.outcome}",
         )
@@ -395,18 +417,28 @@ def build_real_record(item: RealMetalItem, result: Any, claimed: bool) -> dict[s
         verdict = "met" if outcome == "graceful" else "claimed but not met"
     else:
         verdict = "unclaimed but graceful" if outcome == "graceful" else "expected gap"
-    argv = ["pytest", "--metal-oom", "--metaloom-real-metal", "-k", REAL_METAL_ID]
+    item_id = REAL_DEVICE_ID if item.device else REAL_METAL_ID
+    flag = "--metaloom-real-device" if item.device else "--metaloom-real-metal"
+    argv = ["pytest", "--metal-oom", flag, "-k", item_id]
     if item.target.spec is not None:
         argv += ["--metaloom-patch-set", item.target.spec]
     if settings.metaloom_sysctl:
         argv.append("--metaloom-sysctl")
     if settings.metaloom_model:
         argv += ["--metaloom-model", settings.metaloom_model]
+    if item.device:
+        for flag, value in (
+            ("--metaloom-headroom", settings.metaloom_headroom),
+            ("--metaloom-turn-words", settings.metaloom_turn_words),
+            ("--metaloom-model-spec", settings.metaloom_model_spec),
+        ):
+            if value:
+                argv += [flag, str(value)]
     return {
-        "id": REAL_METAL_ID,
+        "id": item_id,
         "nodeid": item.nodeid,
         "patch_set": item.target.label,
-        "fault": result.kind or "real_metal",
+        "fault": result.kind or ("real_device" if item.device else "real_metal"),
         "semantics": result.semantics or "real",
         "path": "batched",
         "stream": False,
@@ -423,15 +455,20 @@ def build_real_record(item: RealMetalItem, result: Any, claimed: bool) -> dict[s
         "guard": bool(result.outcome.facts.behind_guard),
         "turns": result.turns,
         "limits": result.limits,
-        "sysctl_mb": result.plan.sysctl_mb,
+        "sysctl_mb": getattr(result.plan, "sysctl_mb", None),
+        "pressure": getattr(result, "pressure", {}),
+        "error_text": getattr(result, "error_text", None),
+        "where": getattr(result, "where", None),
+        "real_site": getattr(result, "site", None),
         "reproduce": shlex.join(argv),
     }
 
 
-def collect_real_metal(
-    collector: MatrixCollector, targets: dict[str, PatchTarget]
+def collect_real(
+    collector: MatrixCollector, targets: dict[str, PatchTarget], *, device: bool
 ) -> list[pytest.Item]:
+    item_id = REAL_DEVICE_ID if device else REAL_METAL_ID
     return [
-        RealMetalItem.from_parent(collector, name=f"{REAL_METAL_ID}[{t.label}]", target=t)
+        RealMetalItem.from_parent(collector, name=f"{item_id}[{t.label}]", target=t, device=device)
         for t in targets.values()
     ]

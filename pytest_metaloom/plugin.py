@@ -47,6 +47,8 @@ def pytest_report_header(config: pytest.Config) -> str:
     settings = settings_of(config)
     backend = backend_name()
     mode = "real Metal" if settings.metaloom_real_metal else "simulated Metal faults"
+    if settings.metaloom_real_device:
+        mode = "real device"
     model = settings.metaloom_model or settings.metaloom_url or "built-in tiny model"
     return (
         f"metaloom: {__version__}, mlx {dist_version('mlx')}, mlx-lm {dist_version('mlx-lm')}, "

@@ -1,0 +1,380 @@
+"""Fidelity on a real GPU: the real out-of-memory against the simulated one, row by row.
+
+Run on a machine where MLX's CUDA backend works (one ``device`` call does it all):
+
+    python bench/real_gpu.py --out "$OUT"
+
+For each scenario that a real GPU can produce (batched and sequential path, stream and
+non-stream, a failure during prefill of a growing tool loop and one during decode) and
+each server build (stock mlx-lm, ``patchsets/graceful-oom``, stock behind the guard),
+it runs the workload twice on fresh, identical servers:
+
+- **real**: a headroom helper holds all but ``--headroom`` of the GPU and MLX's
+  allocator fails by itself (``matrix/realdevice.py``);
+- **simulated**: nothing is held; the project's injector raises its CUDA-text fault on
+  the same request of the same workload.
+
+Both are judged by the same oracle. The table (``fidelity.md`` and ``fidelity.json``
+in ``--out``) says, per row, the two outcomes and whether they agree, with the date,
+GPU, driver and versions. Rows are written as they finish, so a run cut short still
+leaves its table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pytest_metaloom.inject.faults import FAULT_KINDS, parse_size  # noqa: E402
+from pytest_metaloom.matrix.realdevice import (  # noqa: E402
+    CudaPressure,
+    Pressure,
+    RealDevicePlan,
+    run_real_device,
+)
+from pytest_metaloom.server.headroom import HeadroomHelper, release_all  # noqa: E402
+from pytest_metaloom.server.live import LiveServer  # noqa: E402
+from pytest_metaloom.server.model import ModelSpec, build_tiny_model, spec_from_text  # noqa: E402
+
+LARGE = ModelSpec(
+    layers=8,
+    hidden_size=1024,
+    heads=8,
+    kv_heads=8,
+    intermediate_size=2048,
+    max_position_embeddings=1 << 20,
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One scenario of the table: a path, a stream mode and where the memory runs out."""
+
+    path: str
+    stream: bool
+    site: str
+
+    @property
+    def id(self) -> str:
+        mode = "stream" if self.stream else "nostream"
+        work = "tool_loop" if self.site == "prefill" else "long_generation"
+        return f"{self.path}-{mode}-{self.site}-{work}"
+
+
+ROWS = [
+    Row(path, stream, site)
+    for site in ("prefill", "decode")
+    for path in ("batched", "sequential")
+    for stream in (False, True)
+]
+TARGETS = ("stock", "graceful-oom", "guard")
+
+
+# ---------------------------------------------------------------------- environment
+
+
+def _run(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def environment() -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("mlx", "mlx-cuda-13", "mlx-lm", "transformers", "torch", "numpy"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    gpu = _run(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+    )
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "gpu": gpu,
+        "cuda_driver": _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "versions": versions,
+        "commit": os.environ.get("METALOOM_COMMIT", ""),
+        "model": asdict(LARGE),
+    }
+
+
+# ---------------------------------------------------------------------- servers
+
+
+class Servers:
+    """Fresh, identical servers per run, started ahead in parallel.
+
+    No server may start while the helper holds the GPU (its start would eat the
+    headroom), so every server a phase needs is started before the phase begins.
+    """
+
+    def __init__(self, model: Path, overlays: dict[str, Path | None], workdir: Path) -> None:
+        self.model = model
+        self.overlays = overlays
+        self.workdir = workdir
+        self.all: list[LiveServer] = []
+
+    def new(self, target: str, name: str) -> LiveServer:
+        server = LiveServer(
+            run_dir=Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir)),
+            model=self.model,
+            overlay=self.overlays.get(target),
+            guard=target == "guard",
+            guard_options={"max_restarts": 100},
+            name=name,
+            start_timeout=300,
+            ready_timeout=300,
+        )
+        self.all.append(server)
+        return server
+
+    def start_many(self, wanted: list[tuple[str, str]], workers: int) -> dict[str, Any]:
+        servers = {name: self.new(target, name) for target, name in wanted}
+        results: dict[str, Any] = {}
+
+        def start(name: str) -> None:
+            try:
+                results[name] = servers[name].start()
+            except Exception as exc:  # reported in the row, the run goes on
+                results[name] = exc
+
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(start, servers))
+        return results
+
+    def stop_all(self) -> None:
+        for server in self.all:
+            with contextlib.suppress(Exception):
+                server.stop()
+
+
+# ---------------------------------------------------------------------- one run
+
+
+def sim_spec(kind: str, variant: str | None, row: Row) -> str:
+    """The injector's fault on the failing request of the same workload."""
+    args = f"({variant})" if variant else ""
+    filters = [f"path={row.path}", f"site={row.site}", "request={rid}"]
+    if row.site == "decode":
+        filters.append("after_tokens=300")  # past the first KV-cache growth, as the real one
+    return f"1*{kind}{args}@{','.join(filters)}"
+
+
+def one_run(server: Any, plan: RealDevicePlan, pressure: Pressure) -> dict[str, Any]:
+    if isinstance(server, Exception):
+        return {"outcome": "error", "reasons": [f"server did not start: {server}"]}
+    t0 = time.monotonic()
+    try:
+        result = run_real_device(server, plan, pressure)
+        record = result.to_dict()
+        record["log_tail"] = result.log_tail[-3000:]
+    except Exception as exc:
+        record = {
+            "outcome": "error",
+            "reasons": [f"{type(exc).__name__}: {exc}"],
+            "traceback": traceback.format_exc()[-3000:],
+        }
+    record["seconds"] = round(time.monotonic() - t0, 2)
+    with contextlib.suppress(Exception):
+        server.stop()
+    return record
+
+
+def agree_note(real: dict[str, Any], sim: dict[str, Any]) -> str:
+    if real.get("outcome") == "not_fired":
+        return "not produced for real on this GPU (no allocator failure within the run)"
+    if real.get("outcome") == sim.get("outcome"):
+        return ""
+    return "differs: see the reasons in fidelity.json"
+
+
+# ---------------------------------------------------------------------- the table
+
+
+def write_table(out: Path, env: dict[str, Any], rows: list[dict[str, Any]], args: Any) -> None:
+    doc = {"environment": env, "settings": vars(args) | {"out": str(args.out)}, "rows": rows}
+    (out / "fidelity.json").write_text(json.dumps(doc, indent=1, default=str))
+    lines = [
+        "# Fidelity: real GPU out-of-memory vs the simulated fault",
+        "",
+        f"- date: {env['date']}",
+        f"- GPU: {env['gpu']} (driver {env['cuda_driver']})",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
+        f"- commit: {env['commit'] or 'n/a'}",
+        f"- headroom {args.headroom}, turn {args.turn_words} words, "
+        f"decode {args.decode_tokens} tokens",
+        "",
+        "| scenario | server | real outcome | simulated outcome | agree | real failure "
+        "(site, where) | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        real, sim = row["real"], row["simulated"]
+        where = f"{real.get('site') or '-'}: {real.get('where') or '-'}"
+        lines.append(
+            f"| {row['scenario']} | {row['target']} | {real.get('outcome')} | "
+            f"{sim.get('outcome')} | {'yes' if row['agree'] else 'no'} | {where} | "
+            f"{row['note']} |"
+        )
+    (out / "fidelity.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    parser.add_argument("--headroom", default="3GiB", help="GPU memory left free (real runs)")
+    parser.add_argument("--turn-words", type=int, default=1400, help="words per tool-loop turn")
+    parser.add_argument("--decode-tokens", type=int, default=1024)
+    parser.add_argument("--max-turns", type=int, default=12)
+    parser.add_argument("--deadline", type=float, default=60.0)
+    parser.add_argument("--sim-fault", default="unable_to_allocate", help="injected fault kind")
+    parser.add_argument("--sim-variant", default=None, help="its text variant, e.g. cuda")
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--rows", default="", help="comma-separated row ids (default: all)")
+    parser.add_argument("--overlay", type=Path, default=None, help="prebuilt graceful-oom")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds for all runs")
+    parser.add_argument("--workers", type=int, default=8, help="servers started at once")
+    parser.add_argument(
+        "--helper-cmd", default=None, help="a stand-in headroom helper command (dry runs)"
+    )
+    parser.add_argument(
+        "--model-spec", default="large", help="'large' (the default), 'tiny' or key=value,..."
+    )
+    args = parser.parse_args(argv)
+    t_start = time.monotonic()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.sim_fault not in FAULT_KINDS:
+        parser.error(f"--sim-fault {args.sim_fault!r} is not a fault kind: {list(FAULT_KINDS)}")
+    headroom = parse_size(args.headroom, {"active": 0, "peak": 0, "limit": 0})
+    targets = [t for t in args.targets.split(",") if t]
+    rows = [r for r in ROWS if not args.rows or r.id in args.rows.split(",")]
+    env = environment()
+    print(json.dumps(env), flush=True)
+
+    workdir = Path(tempfile.mkdtemp(prefix="metaloom-gpu-"))
+    spec = LARGE if args.model_spec == "large" else spec_from_text(args.model_spec)
+    env["model"] = asdict(spec)
+    model = build_tiny_model(spec, cache_dir=workdir / "models")
+    overlays: dict[str, Path | None] = {"stock": None, "guard": None}
+    if "graceful-oom" in targets:
+        if args.overlay is not None:
+            overlays["graceful-oom"] = args.overlay
+        else:
+            from pytest_metaloom.patchset.manifest import load_patch_set
+            from pytest_metaloom.patchset.overlay import build_overlay
+
+            patch_set = load_patch_set(ROOT / "patchsets" / "graceful-oom")
+            overlays["graceful-oom"] = build_overlay(patch_set, workdir / "overlays")
+    servers = Servers(model, overlays, workdir)
+    helper = HeadroomHelper(shlex.split(args.helper_cmd) if args.helper_cmd else None)
+    records: list[dict[str, Any]] = []
+
+    def plan_for(row: Row, **extra: Any) -> RealDevicePlan:
+        return RealDevicePlan(
+            path=row.path,
+            stream=row.stream,
+            site=row.site,
+            headroom=headroom,
+            turn_words=args.turn_words,
+            max_turns=args.max_turns,
+            decode_tokens=args.decode_tokens,
+            deadline=args.deadline,
+            **extra,
+        )
+
+    try:
+        runs = [(row, target) for row in rows for target in targets]
+        # phase 1: the real failures (all servers started before the helper holds anything)
+        t = time.monotonic()
+        started = servers.start_many(
+            [(target, f"real-{row.id}-{target}") for row, target in runs], args.workers
+        )
+        print(f"started {len(started)} servers in {time.monotonic() - t:.1f} s", flush=True)
+        helper.start()
+        print(f"helper ready: {helper.ready}", flush=True)
+        real: dict[tuple[str, str], dict[str, Any]] = {}
+        for row, target in runs:
+            name = f"real-{row.id}-{target}"
+            if time.monotonic() - t_start > args.budget * 0.6:
+                real[(row.id, target)] = {"outcome": "skipped", "reasons": ["time budget"]}
+                with contextlib.suppress(Exception):
+                    started[name].stop()
+                continue
+            record = one_run(started[name], plan_for(row), CudaPressure(helper, plan_for(row)))
+            real[(row.id, target)] = record
+            print(
+                f"real {row.id} {target}: {record.get('outcome')} {record.get('turns')} "
+                f"{record.get('site')} {record.get('seconds')} s",
+                flush=True,
+            )
+        helper.stop()
+
+        # phase 2: the simulated fault on the same workload, failing the same turn
+        t = time.monotonic()
+        started = servers.start_many(
+            [(target, f"sim-{row.id}-{target}") for row, target in runs], args.workers
+        )
+        print(f"started {len(started)} servers in {time.monotonic() - t:.1f} s", flush=True)
+        for row, target in runs:
+            name = f"sim-{row.id}-{target}"
+            real_record = real[(row.id, target)]
+            turns = real_record.get("turns") or []
+            fail_turn = max(0, len(turns) - 1) if row.site == "prefill" else 0
+            plan = plan_for(
+                row,
+                simulate=sim_spec(args.sim_fault, args.sim_variant, row),
+                simulate_turn=fail_turn,
+            )
+            if time.monotonic() - t_start > args.budget:
+                sim = {"outcome": "skipped", "reasons": ["time budget"]}
+                with contextlib.suppress(Exception):
+                    started[name].stop()
+            else:
+                sim = one_run(started[name], plan, Pressure())
+            print(f"sim  {row.id} {target}: {sim.get('outcome')} {sim.get('turns')}", flush=True)
+            records.append(
+                {
+                    "scenario": row.id,
+                    "target": target,
+                    "real": real_record,
+                    "simulated": sim,
+                    "simulated_spec": plan.simulate,
+                    "agree": real_record.get("outcome") == sim.get("outcome"),
+                    "note": agree_note(real_record, sim),
+                }
+            )
+            write_table(args.out, env, records, args)
+    finally:
+        release_all()
+        servers.stop_all()
+        write_table(args.out, env, records, args)
+    print((args.out / "fidelity.md").read_text(), flush=True)
+    print(f"total {time.monotonic() - t_start:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
