@@ -174,11 +174,39 @@ class Servers:
 # ---------------------------------------------------------------------- one run
 
 
-def sim_spec(kind: str, variant: str | None, row: Row, decode_tokens: int) -> str:
+def injector_names_state_eval_cache() -> bool:
+    """Whether this injector calls a prompt-cache state evaluation ``cache`` (it does once
+    sites are MLX evaluation points) or, as before, ``prefill``."""
+    import importlib.util
+
+    return importlib.util.find_spec("pytest_metaloom.inject.runtime.locate") is not None
+
+
+def default_variant(kind: str) -> str | None:
+    """The CUDA text of ``kind`` when this injector has one."""
+    variants = getattr(FAULT_KINDS[kind], "variants", None) or {}
+    return "cuda" if "cuda" in variants else None
+
+
+def sim_site(row: Row, real_site: str | None) -> str:
+    """Where the injector fails the request: where the real failure was (as the stock
+    server's log showed it), else the row's phase."""
+    if real_site in ("prefill", "decode", "cache"):
+        if real_site == "cache" and not injector_names_state_eval_cache():
+            return "prefill"
+        return real_site
+    if row.site == "prefill" and injector_names_state_eval_cache():
+        return "cache"
+    return row.site
+
+
+def sim_spec(
+    kind: str, variant: str | None, row: Row, decode_tokens: int, site: str | None = None
+) -> str:
     """The injector's fault on the failing request of the same workload."""
     args = f"({variant})" if variant else ""
-    filters = [f"path={row.path}", f"site={row.site}", "request={rid}"]
-    if row.site == "decode":
+    filters = [f"path={row.path}", f"site={site or row.site}", "request={rid}"]
+    if (site or row.site) == "decode":
         # mid-generation, as the real one (the squeeze comes once decoding runs)
         filters.append(f"after_tokens={max(2, decode_tokens // 4)}")
     return f"1*{kind}{args}@{','.join(filters)}"
@@ -260,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-turns", type=int, default=12)
     parser.add_argument("--deadline", type=float, default=60.0)
     parser.add_argument("--sim-fault", default="unable_to_allocate", help="injected fault kind")
-    parser.add_argument("--sim-variant", default=None, help="its text variant, e.g. cuda")
+    parser.add_argument(
+        "--sim-variant", default="auto", help="its text variant (auto: cuda when known)"
+    )
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--rows", default="", help="comma-separated row ids (default: all)")
     parser.add_argument("--overlay", default="", help="a prebuilt graceful-oom overlay")
@@ -278,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.sim_fault not in FAULT_KINDS:
         parser.error(f"--sim-fault {args.sim_fault!r} is not a fault kind: {list(FAULT_KINDS)}")
+    if args.sim_variant == "auto":
+        args.sim_variant = default_variant(args.sim_fault)
     headroom = parse_size(args.headroom, {"active": 0, "peak": 0, "limit": 0})
     targets = [t for t in args.targets.split(",") if t]
     rows = [r for r in ROWS if not args.rows or r.id in args.rows.split(",")]
@@ -356,9 +388,11 @@ def main(argv: list[str] | None = None) -> int:
             real_record = real[(row.id, target)]
             turns = real_record.get("turns") or []
             fail_turn = max(0, len(turns) - 1) if row.site == "prefill" else 0
+            stock_site = real.get((row.id, "stock"), {}).get("site")
+            site = sim_site(row, real_record.get("site") or stock_site)
             plan = plan_for(
                 row,
-                simulate=sim_spec(args.sim_fault, args.sim_variant, row, args.decode_tokens),
+                simulate=sim_spec(args.sim_fault, args.sim_variant, row, args.decode_tokens, site),
                 simulate_turn=fail_turn,
             )
             if time.monotonic() - t_start > args.budget:

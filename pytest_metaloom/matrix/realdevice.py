@@ -103,7 +103,7 @@ class RealDevicePlan:
     max_turns: int = 24
     max_tokens: int = 4
     decode_tokens: int = 4096
-    decode_context_turns: int = 2
+    decode_context_turns: int = 1
     deadline: float = 60.0
     simulate: str | None = None
     simulate_turn: int = 0
@@ -256,9 +256,10 @@ _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S
 def failure_in_log(text: str) -> tuple[str | None, str | None, str | None]:
     """(error line, innermost mlx_lm frame, site) of the last memory failure in a log.
 
-    The site follows the injector's rule: the prompt-processing evaluation (batched
-    ``PromptProcessingBatch.prompt``, the prefill loop of ``generate_step``) is
-    ``prefill``; a generation step is ``decode``.
+    The site uses the injector's names: an evaluation of the prompt cache's state
+    (``mx.eval([c.state for c in ...])`` in ``PromptProcessingBatch.prompt`` or in the
+    prefill loop of ``generate_step``, where the real CUDA failures were measured) is
+    ``cache``; other prompt processing is ``prefill``; a generation step is ``decode``.
     """
     lines = text.splitlines()
     error_at = None
@@ -281,7 +282,9 @@ def failure_in_log(text: str) -> tuple[str | None, str | None, str | None]:
         return error, None, None
     where = f"{Path(frame['file']).name}:{frame['line']} in {frame['func']}: {code}"
     func = frame["func"]
-    if func in ("prompt", "_prefill") or (func == "generate_step" and "prompt_cache" in code):
+    if "c.state for c in" in code:
+        site = "cache"
+    elif func in ("prompt", "_prefill"):
         site = "prefill"
     elif func in ("_step", "next", "generate_step", "_next"):
         site = "decode"
