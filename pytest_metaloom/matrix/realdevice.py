@@ -409,7 +409,7 @@ def guard_restarts(server: Any) -> int | None:
     """The guard's restart count (None without a guard or when it does not say)."""
     if not getattr(server, "guard", False):
         return None
-    from pytest_metaloom.server.process import http_request
+    from pytest_metaloom.server.http import request as http_request
 
     try:
         _, body = http_request(server.url + "/metaloom/status", timeout=3)
