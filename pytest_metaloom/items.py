@@ -249,7 +249,7 @@ class RealMetalItem(pytest.Item):
         return ("metaloom", None, self.name)
 
     def setup(self) -> None:
-        from pytest_metaloom.matrix import realdevice, realmetal
+        from pytest_metaloom.matrix import backends, realdevice, realmetal
 
         if self.device:
             reason = realdevice.unavailable_reason()
@@ -262,16 +262,16 @@ class RealMetalItem(pytest.Item):
             # session teardown (also reached on Ctrl-C and on SIGTERM, which the plugin
             # turns into KeyboardInterrupt) puts back any ceiling still lowered and
             # stops any headroom helper still holding GPU memory
-            self.config.add_cleanup(realdevice.release_everything)
+            self.config.add_cleanup(backends.release_everything)
             state.sysctl_cleanup = True
 
     def runtest(self) -> None:
-        from pytest_metaloom.matrix import realdevice, realmetal
+        from pytest_metaloom.matrix import backends, realdevice, realmetal
 
         pool = _pool(self)
         pool.runner(self.target)
         if self.device:
-            plan, pressure = realdevice.plan_for(pool.settings, pool.model)
+            plan, pressure = backends.plan_for(pool.settings, pool.model)
             result = realdevice.run_real_device(self.target.server, plan, pressure)
         else:
             result = realmetal.run_real_scenario(

@@ -179,37 +179,6 @@ class CudaPressure(Pressure):
             self.helper.release()
 
 
-class MetalPressure(Pressure):
-    """MLX's own limits inside the server, and optionally ``iogpu.wired_limit_mb``."""
-
-    name = "metal"
-    hold_through_recovery = False  # the machine-wide ceiling goes back as soon as it can
-
-    def __init__(self, wired: str | None, memory: str | None, sysctl_mb: int | None) -> None:
-        self.wired = wired
-        self.memory = memory
-        self.sysctl_mb = sysctl_mb
-        self.ceiling: Any = None
-
-    def prepare(self, server: Any) -> dict[str, Any]:
-        if self.wired is None and self.memory is None:
-            return {}
-        return server.metal_limits(wired=self.wired, memory=self.memory)
-
-    def squeeze(self) -> dict[str, Any]:
-        if self.sysctl_mb is None:
-            return {}
-        from pytest_metaloom.matrix.realmetal import WiredLimit
-
-        self.ceiling = WiredLimit(self.sysctl_mb).apply()
-        return {"sysctl_mb": self.sysctl_mb}
-
-    def relax(self) -> None:
-        if self.ceiling is not None:
-            self.ceiling.restore()
-            self.ceiling = None
-
-
 # ---------------------------------------------------------------------- the result
 
 
@@ -571,43 +540,3 @@ def session_helper() -> Any:
     if _SESSION_HELPER is None:
         _SESSION_HELPER = HeadroomHelper(HELPER_COMMAND)
     return _SESSION_HELPER
-
-
-def release_everything() -> None:
-    """Session teardown (Ctrl-C and SIGTERM end there too): every helper stopped, every
-    lowered ceiling put back. Both are tried even if one fails."""
-    global _SESSION_HELPER
-    from pytest_metaloom.matrix import realmetal
-    from pytest_metaloom.server import headroom
-
-    _SESSION_HELPER = None
-    try:
-        headroom.release_all()
-    finally:
-        realmetal.restore_all()
-
-
-def plan_for(settings: Any, model: str | Path | None) -> tuple[RealDevicePlan, Pressure]:
-    """The plan and the squeeze a ``--metal-oom --metaloom-real-device`` item runs."""
-    from pytest_metaloom.inject.faults import FaultSpecError, parse_size
-    from pytest_metaloom.matrix import realmetal
-
-    backend = device_backend()
-    words = getattr(settings, "metaloom_turn_words", 0) or TURN_WORDS.get(backend, 120)
-    text = getattr(settings, "metaloom_headroom", None) or "3GiB"
-    try:
-        headroom = parse_size(str(text), {"active": 0, "peak": 0, "limit": 0})
-    except FaultSpecError as exc:
-        raise RealDeviceError(
-            f"--metaloom-headroom={text!r} is not a size: {exc.problem} (e.g. '3GiB', '512MiB')"
-        ) from None
-    plan = RealDevicePlan(
-        headroom=headroom,
-        turn_words=words,
-        max_turns=DEFAULT_MAX_TURNS,
-        deadline=max(settings.metaloom_deadline, 60.0 if backend == "cuda" else 0.0),
-    )
-    if backend == "cuda":
-        return plan, CudaPressure(session_helper(), plan)
-    sysctl = realmetal.sysctl_limit_mb(model) if settings.metaloom_sysctl else None
-    return plan, MetalPressure(realmetal.DEFAULT_WIRED, realmetal.DEFAULT_MEMORY, sysctl)

@@ -181,6 +181,38 @@ def sysctl_limit_mb(model: str | Path | None, headroom: int = SYSCTL_HEADROOM) -
     return max(1, math.ceil((weights + headroom) / 2**20))
 
 
+class MetalPressure:
+    """MLX's own limits inside the server, and optionally ``iogpu.wired_limit_mb``."""
+
+    name = "metal"
+    hold_through_recovery = False  # the machine-wide ceiling goes back as soon as it can
+
+    def __init__(self, wired: str | None, memory: str | None, sysctl_mb: int | None) -> None:
+        self.wired = wired
+        self.memory = memory
+        self.sysctl_mb = sysctl_mb
+        self.ceiling: Any = None
+
+    def prepare(self, server: Any) -> dict[str, Any]:
+        if self.wired is None and self.memory is None:
+            return {}
+        return server.metal_limits(wired=self.wired, memory=self.memory)
+
+    def squeeze(self) -> dict[str, Any]:
+        if self.sysctl_mb is None:
+            return {}
+        self.ceiling = WiredLimit(self.sysctl_mb).apply()
+        return {"sysctl_mb": self.sysctl_mb}
+
+    def relax(self) -> None:
+        if self.ceiling is not None:
+            self.ceiling.restore()
+            self.ceiling = None
+
+    def tighten(self) -> dict[str, Any]:
+        return {}
+
+
 def run_real_scenario(server: Any, plan: RealMetalPlan | None = None) -> Any:
     """Lower the real limits, drive the tool loop until MLX fails for real, classify.
 
@@ -203,7 +235,7 @@ def run_real_scenario(server: Any, plan: RealMetalPlan | None = None) -> Any:
         max_tokens=plan.max_tokens,
         deadline=plan.deadline,
     )
-    pressure = realdevice.MetalPressure(plan.wired, plan.memory, plan.sysctl_mb)
+    pressure = MetalPressure(plan.wired, plan.memory, plan.sysctl_mb)
     result = realdevice.run_real_device(server, device_plan, pressure)
     result.plan = plan
     return result
