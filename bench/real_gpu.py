@@ -179,7 +179,10 @@ def injector_names_state_eval_cache() -> bool:
     sites are MLX evaluation points) or, as before, ``prefill``."""
     import importlib.util
 
-    return importlib.util.find_spec("pytest_metaloom.inject.runtime.locate") is not None
+    try:
+        return importlib.util.find_spec("pytest_metaloom.inject.runtime.locate") is not None
+    except ModuleNotFoundError:  # runtime is a module, not a package: the older injector
+        return False
 
 
 def default_variant(kind: str) -> str | None:
@@ -412,8 +415,24 @@ def main(argv: list[str] | None = None) -> int:
                 "note": agree_note(real_record, sim),
             }
 
+        def simulate_safely(item: tuple[Row, str]) -> dict[str, Any]:
+            try:
+                return simulate(item)
+            except Exception as exc:  # one broken row must not lose the table
+                row, target = item
+                error = {"outcome": "error", "reasons": [f"{type(exc).__name__}: {exc}"]}
+                return {
+                    "scenario": row.id,
+                    "target": target,
+                    "real": real.get((row.id, target), {}),
+                    "simulated": error,
+                    "simulated_spec": None,
+                    "agree": None,
+                    "note": "the simulated run could not be made",
+                }
+
         with ThreadPoolExecutor(args.sim_workers) as pool:
-            for record in pool.map(simulate, runs):
+            for record in pool.map(simulate_safely, runs):
                 records.append(record)
                 write_table(args.out, env, records, args)
     finally:
