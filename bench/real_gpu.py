@@ -282,6 +282,45 @@ def write_table(out: Path, env: dict[str, Any], rows: list[dict[str, Any]], args
     (out / "fidelity.md").write_text("\n".join(lines) + "\n")
 
 
+def _seen(run: dict[str, Any]) -> str:
+    """What a client saw in one run: the failing request, /health, the recovery requests."""
+    facts = run.get("facts") or {}
+    if not facts:
+        return run.get("outcome", "-")
+    status = facts.get("status")
+    if facts.get("stream") and status == 200:
+        end = (
+            "error event + [DONE]"
+            if facts.get("sse_error_event") and facts.get("sse_done")
+            else ("[DONE]" if facts.get("sse_done") else "no end")
+        )
+        failed = f"stream 200, {end}"
+    else:
+        failed = "no status line" if status is None else str(status)
+    recovery = ", ".join(
+        "none" if s is None else str(s) for s in facts.get("recovery_statuses", [])
+    )
+    restart = "; restarted" if facts.get("worker_restarted") else ""
+    return f"{failed}; /health {facts.get('health_after_fault')}; then {recovery or '-'}{restart}"
+
+
+def render_docs(doc: dict[str, Any]) -> str:
+    """The table of docs/reference/fidelity.md from a fidelity.json."""
+    lines = [
+        "| scenario | server | real: failing request; /health; next requests | real | "
+        "simulated | agree |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in doc["rows"]:
+        real, sim = row["real"], row["simulated"]
+        agree = {True: "yes", False: "**no**"}.get(row["agree"], "n/a")
+        lines.append(
+            f"| `{row['scenario']}` | {row['target']} | {_seen(real)} | {real.get('outcome')} | "
+            f"{sim.get('outcome')} | {agree} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
@@ -306,7 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model-spec", default="large", help="'large' (the default), 'tiny' or key=value,..."
     )
+    parser.add_argument("--render", type=Path, default=None, help="print a fidelity.json as docs")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        print(render_docs(json.loads(args.render.read_text())))
+        return 0
     t_start = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.sim_fault not in FAULT_KINDS:
