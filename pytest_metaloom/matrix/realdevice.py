@@ -239,21 +239,24 @@ def failure_in_log(text: str) -> tuple[str | None, str | None, str | None]:
             break
     if error_at is None:
         return None, None, None
-    frame = code = None
+    frames: list[tuple[Any, str]] = []  # mlx_lm frames, innermost first, with their code
     for index in range(error_at, max(-1, error_at - 80), -1):
         match = _FRAME.search(lines[index])
         if match and "mlx_lm" in match["file"]:
-            frame = match
             code = lines[index + 1].strip() if index + 1 < len(lines) else ""
-            break
+            frames.append((match, code))
     error = lines[error_at].strip()
-    if frame is None:
+    if not frames:
         return error, None, None
+    frame, code = frames[0]
+    caller = frames[1][0]["func"] if len(frames) > 1 else ""
     where = f"{Path(frame['file']).name}:{frame['line']} in {frame['func']}: {code}"
     func = frame["func"]
     if "c.state for c in" in code:
         site = "cache"
-    elif func in ("prompt", "_prefill"):
+    elif func in ("prompt", "_prefill") or (func == "_step" and caller == "__init__"):
+        site = "prefill"  # the batched step over the last prompt token is prefill too
+    elif func == "generate_step" and code in ("mx.async_eval(y, logprobs)", "mx.eval(y)"):
         site = "prefill"
     elif func in ("_step", "next", "generate_step", "_next"):
         site = "decode"
@@ -449,6 +452,10 @@ def run_real_device(
             version = started[-1].get("mlx_version", "0.32") if started else "0.32"
             semantics = default_semantics(version)
         error_text, where, site = failure_in_log(log)
+        fired_events = [e for e in server.events(events_before) if e.get("event") == "fired"]
+        if fired_events:  # a simulated run: the injector says where it fired
+            site = fired_events[-1].get("site") or site
+            where = fired_events[-1].get("where") or where
         alive = server.is_alive()
         health_after_fault = workload.health(server.url) if alive else None
         if alive and fired and getattr(server, "guard", False):
