@@ -1,6 +1,6 @@
 """Harness side of the injector: server environment, control client, event reader.
 
-The server half lives in ``inject/runtime.py``; the two meet only through
+The server half lives in ``inject/runtime/``; the two meet only through
 environment variables, a Unix control socket and a JSON-lines event log, so a
 test can inspect a server that has already died (the log survives an abort).
 """
