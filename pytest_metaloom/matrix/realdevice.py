@@ -154,6 +154,10 @@ class Pressure:
         """Decode runs: take what is left, now that generation is under way."""
         return {}
 
+    def settle(self) -> dict[str, Any]:
+        """After the failure: stop taking more (recovery is judged at the plan's headroom)."""
+        return {}
+
     def relax(self) -> None:
         """Give everything back; must be safe to call twice."""
 
@@ -173,6 +177,11 @@ class CudaPressure(Pressure):
 
     def tighten(self) -> dict[str, Any]:
         return self.helper.hold(self.plan.decode_headroom, follow=True)
+
+    def settle(self) -> dict[str, Any]:
+        # a neighbour that kept taking every freed byte would starve any restart (the
+        # guard's new worker could not even load): back to the plan's headroom
+        return self.helper.hold(self.plan.headroom) if self.helper.is_alive() else {}
 
     def relax(self) -> None:
         if self.helper.is_alive():
@@ -431,6 +440,7 @@ def run_real_device(
             if plan.site == "decode":
                 affected, turns, info = _drive_decode(server, plan, pressure)
                 squeeze_info.update(info)
+                squeeze_info["settle"] = pressure.settle()
             else:
                 affected, turns = _drive_prefill(server, plan)
         finally:
@@ -488,6 +498,11 @@ def run_real_device(
         with contextlib.suppress(Exception):
             server.disarm()
     fault = FAULT_KINDS[kind] if kind is not None else None
+    if plan.simulate is None and fault is not None and not fault.is_oom:
+        # the squeeze made this failure: a non-memory error in the log (e.g. CUDA's
+        # "illegal memory access" after the allocator failed) is a consequence, and the
+        # answer owed is still the out-of-memory one
+        fault = None
     oom = fault.is_oom if fault else True
     facts = Facts(
         fault=kind or "real_device",

@@ -212,6 +212,9 @@ class MetalPressure:
     def tighten(self) -> dict[str, Any]:
         return {}
 
+    def settle(self) -> dict[str, Any]:
+        return {}
+
 
 def run_real_scenario(server: Any, plan: RealMetalPlan | None = None) -> Any:
     """Lower the real limits, drive the tool loop until MLX fails for real, classify.
