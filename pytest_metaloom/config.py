@@ -42,6 +42,10 @@ class Settings:
     metaloom_allow_version_mismatch: bool = default("metaloom_allow_version_mismatch")
     metaloom_guard: bool = default("metaloom_guard")
     metaloom_real_metal: bool = default("metaloom_real_metal")
+    metaloom_real_device: bool = default("metaloom_real_device")
+    metaloom_headroom: str = default("metaloom_headroom")
+    metaloom_turn_words: int = default("metaloom_turn_words")
+    metaloom_model_spec: str | None = default("metaloom_model_spec")
     metaloom_sysctl: bool = default("metaloom_sysctl")
 
     @classmethod

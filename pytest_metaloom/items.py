@@ -221,12 +221,19 @@ def collect_matrix(session: pytest.Session, state: SessionState) -> list[pytest.
     except ValueError as exc:
         raise pytest.UsageError(f"metaloom: {exc}") from exc
     targets = make_targets(settings)
+    if settings.metaloom_model_spec:
+        from pytest_metaloom.server.model import ModelError, spec_from_text
+
+        try:
+            spec_from_text(settings.metaloom_model_spec)
+        except ModelError as exc:
+            raise pytest.UsageError(f"metaloom: --metaloom-model-spec: {exc}") from exc
     state.pool = MatrixPool(settings, targets, on_server=state.track)
     timeout = item_timeout(settings)
 
     def build(collector: MatrixCollector) -> list[pytest.Item]:
-        if settings.metaloom_real_metal:
-            return collect_real_metal(collector, targets, timeout)
+        if settings.metaloom_real_metal or settings.metaloom_real_device:
+            return collect_real(collector, targets, timeout, device=settings.metaloom_real_device)
         return [
             ScenarioItem.from_parent(
                 collector,
@@ -243,17 +250,22 @@ def collect_matrix(session: pytest.Session, state: SessionState) -> list[pytest.
     return list(session.genitems(collector))
 
 
-# ---------------------------------------------------------------------- real Metal mode
-# One item per patch set: no simulated fault, the real limits lowered and the tool loop
-# driven until MLX fails by itself (realmetal.py). Off Apple Silicon every item skips.
+# ---------------------------------------------------------------------- real-device mode
+# One item per patch set: no simulated fault; memory made scarce for real (Metal: lowered
+# limits; CUDA: a headroom helper, realdevice.py) and the tool loop driven until MLX
+# fails by itself. Off a GPU every item skips with the reason.
 
 REAL_METAL_ID = "real-metal-tool_loop"
+REAL_DEVICE_ID = "real-device-tool_loop"
 
 
 class RealMetalItem(pytest.Item):
-    def __init__(self, *, target: PatchTarget, timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self, *, target: PatchTarget, timeout: float, device: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.target = target
+        self.device = device  # --metaloom-real-device (any GPU) vs --metaloom-real-metal
         self.add_marker("metal_oom")
         self.add_marker(pytest.mark.timeout(timeout))
 
@@ -261,25 +273,34 @@ class RealMetalItem(pytest.Item):
         return ("metaloom", None, self.name)
 
     def setup(self) -> None:
-        from pytest_metaloom.matrix import realmetal
+        from pytest_metaloom.matrix import backends, realdevice, realmetal
 
-        reason = realmetal.metal_unavailable_reason()
+        if self.device:
+            reason = realdevice.unavailable_reason()
+        else:
+            reason = realmetal.metal_unavailable_reason()
         if reason:
             pytest.skip(reason)
         state = state_of(self.config)
         if not state.sysctl_cleanup:
             # session teardown (also reached on Ctrl-C and on SIGTERM, which the plugin
-            # turns into KeyboardInterrupt) puts back any ceiling still lowered
-            self.config.add_cleanup(realmetal.restore_all)
+            # turns into KeyboardInterrupt) puts back any ceiling still lowered and
+            # stops any headroom helper still holding GPU memory
+            self.config.add_cleanup(backends.release_everything)
             state.sysctl_cleanup = True
 
     def runtest(self) -> None:
-        from pytest_metaloom.matrix import realmetal
+        from pytest_metaloom.matrix import backends, realdevice, realmetal
 
         pool = _pool(self)
         pool.runner(self.target)
-        plan = realmetal.plan_for(pool.settings, pool.model)
-        result = realmetal.run_real_scenario(self.target.server, plan)
+        if self.device:
+            plan, pressure = backends.plan_for(pool.settings, pool.model)
+            result = realdevice.run_real_device(self.target.server, plan, pressure)
+        else:
+            result = realmetal.run_real_scenario(
+                self.target.server, realmetal.plan_for(pool.settings, pool.model)
+            )
         claimed = self.target.patch_set is None or (
             result.kind is not None
             and self.target.patch_set.claims_scenario(
@@ -292,8 +313,9 @@ class RealMetalItem(pytest.Item):
             record,
             f"--- server log tail ---\n{result.log_tail}",
             not_fired=(
-                "no real failure happened: this run proved nothing (lower the limits, add "
-                "--metaloom-sysctl, or use a bigger --metaloom-model)"
+                "no real failure happened: this run proved nothing (lower the limits or "
+                "--metaloom-headroom, add --metaloom-sysctl, raise --metaloom-turn-words, "
+                "or use a bigger --metaloom-model-spec)"
             ),
             unmet=f"real failure not handled: observed {result.outcome.outcome}",
         )
@@ -322,18 +344,28 @@ def build_real_record(item: RealMetalItem, result: Any, claimed: bool) -> dict[s
     settings = _settings(item)
     outcome = result.outcome.outcome
     verdict = _verdict(outcome, claimed, _allow_unproven(item))
-    argv = ["pytest", "--metal-oom", "--metaloom-real-metal", "-k", REAL_METAL_ID]
+    item_id = REAL_DEVICE_ID if item.device else REAL_METAL_ID
+    flag = "--metaloom-real-device" if item.device else "--metaloom-real-metal"
+    argv = ["pytest", "--metal-oom", flag, "-k", item_id]
     if item.target.spec is not None:
         argv += ["--metaloom-patch-set", item.target.spec]
     if settings.metaloom_sysctl:
         argv.append("--metaloom-sysctl")
     if settings.metaloom_model:
         argv += ["--metaloom-model", settings.metaloom_model]
+    if item.device:
+        for name, value in (
+            ("--metaloom-headroom", settings.metaloom_headroom),
+            ("--metaloom-turn-words", settings.metaloom_turn_words),
+            ("--metaloom-model-spec", settings.metaloom_model_spec),
+        ):
+            if value:
+                argv += [name, str(value)]
     return {
-        "id": REAL_METAL_ID,
+        "id": item_id,
         "nodeid": item.nodeid,
         "patch_set": item.target.label,
-        "fault": result.kind or "real_metal",
+        "fault": result.kind or ("real_device" if item.device else "real_metal"),
         "semantics": result.semantics or "real",
         "path": "batched",
         "stream": False,
@@ -351,17 +383,22 @@ def build_real_record(item: RealMetalItem, result: Any, claimed: bool) -> dict[s
         "guard": bool(result.outcome.facts.behind_guard),
         "turns": result.turns,
         "limits": result.limits,
-        "sysctl_mb": result.plan.sysctl_mb,
+        "sysctl_mb": getattr(result.plan, "sysctl_mb", None),
+        "pressure": getattr(result, "pressure", {}),
+        "error_text": getattr(result, "error_text", None),
+        "where": getattr(result, "where", None),
+        "real_site": getattr(result, "site", None),
         "reproduce": shlex.join(argv),
     }
 
 
-def collect_real_metal(
-    collector: MatrixCollector, targets: dict[str, PatchTarget], timeout: float
+def collect_real(
+    collector: MatrixCollector, targets: dict[str, PatchTarget], timeout: float, *, device: bool
 ) -> list[pytest.Item]:
+    item_id = REAL_DEVICE_ID if device else REAL_METAL_ID
     return [
         RealMetalItem.from_parent(
-            collector, name=f"{REAL_METAL_ID}[{t.label}]", target=t, timeout=timeout
+            collector, name=f"{item_id}[{t.label}]", target=t, timeout=timeout, device=device
         )
         for t in targets.values()
     ]

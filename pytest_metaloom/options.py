@@ -187,6 +187,33 @@ OPTIONS: tuple[Option, ...] = (
         "bool",
     ),
     Option(
+        "--metaloom-real-device",
+        "Real-device mode (a GPU MLX can use): no simulation; make memory scarce for real "
+        "(Metal: lowered MLX limits; CUDA: a helper process holds all but "
+        "--metaloom-headroom) and drive the tool loop until MLX's allocator fails by itself.",
+        False,
+        "bool",
+    ),
+    Option(
+        "--metaloom-headroom",
+        "With --metaloom-real-device on CUDA: GPU memory the headroom helper leaves free.",
+        "3GiB",
+        metavar="SIZE",
+    ),
+    Option(
+        "--metaloom-turn-words",
+        "With --metaloom-real-device: words of tool output each tool-loop turn adds "
+        "(0: 120 on Metal, 1400 on CUDA, about 9.4k tokens).",
+        0,
+        "int",
+    ),
+    Option(
+        "--metaloom-model-spec",
+        "Size of the built-in offline model: a preset (tiny, large) or ModelSpec fields, "
+        "e.g. 'layers=8,hidden_size=1024' (default tiny; large for real-device on CUDA).",
+        metavar="SPEC",
+    ),
+    Option(
         "--metaloom-sysctl",
         "With --metaloom-real-metal: also lower iogpu.wired_limit_mb with sudo sysctl "
         "(restored at teardown).",

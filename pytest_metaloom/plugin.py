@@ -56,6 +56,8 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     if settings == Settings():
         return None
     mode = "real Metal" if settings.metaloom_real_metal else "simulated Metal faults"
+    if settings.metaloom_real_device:
+        mode = "real device"
     model = settings.metaloom_model or settings.metaloom_url or "built-in tiny model"
     lines = [
         f"metaloom: {__version__}, mlx {dist_version('mlx')}, mlx-lm {dist_version('mlx-lm')}, "

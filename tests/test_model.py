@@ -422,3 +422,21 @@ def test_import_stays_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_spec_from_text_presets_pairs_and_errors():
+    from pytest_metaloom.server.model import ModelError, ModelSpec, spec_from_text
+
+    assert spec_from_text("tiny") == ModelSpec()
+    large = spec_from_text("large")
+    assert (large.layers, large.hidden_size, large.max_position_embeddings) == (8, 1024, 1 << 20)
+    assert spec_from_text("large,layers=4").layers == 4
+    assert spec_from_text("max_position_embeddings=1<<16,dtype=bfloat16") == ModelSpec(
+        max_position_embeddings=1 << 16, dtype="bfloat16"
+    )
+    with pytest.raises(ModelError, match="neither a preset"):
+        spec_from_text("huge")
+    with pytest.raises(ModelError, match="key 'depth' is unknown"):
+        spec_from_text("depth=3")
+    with pytest.raises(ModelError, match="layers='x' is not an integer"):
+        spec_from_text("layers=x")

@@ -28,6 +28,21 @@ class MatrixSetupError(Exception):
     """A patch set or server could not be prepared; every scenario of it errors."""
 
 
+def model_spec(settings: Settings) -> Any:
+    """The built-in model's spec: --metaloom-model-spec, else ``tiny``; real-device mode
+    on CUDA takes ``large``, whose KV cache a few GB of headroom cannot outlast."""
+    from pytest_metaloom.server.model import spec_from_text
+
+    text = settings.metaloom_model_spec
+    if not text:
+        text = "tiny"
+        if settings.metaloom_real_device:
+            from pytest_metaloom.matrix.realdevice import device_backend
+
+            text = "large" if device_backend() == "cuda" else "tiny"
+    return spec_from_text(text)
+
+
 def item_timeout(settings: Settings) -> float:
     """Upper bound (seconds) of one matrix item, derived from the scenario's deadline.
 
@@ -42,10 +57,12 @@ def item_timeout(settings: Settings) -> float:
         + settings.metaloom_stop_timeout
     )
     deadlines = WORST_CASE_DEADLINES
-    if settings.metaloom_real_metal:
+    if settings.metaloom_real_metal or settings.metaloom_real_device:
         from pytest_metaloom.matrix.realmetal import DEFAULT_MAX_TURNS
 
         deadlines = DEFAULT_MAX_TURNS + 4
+    if settings.metaloom_real_device:  # CUDA turns get at least 60 s; a guard restart 60 s
+        return float(round(server + (deadlines + 1) * max(settings.metaloom_deadline, 60.0)))
     return float(round(server + deadlines * settings.metaloom_deadline))
 
 
@@ -119,9 +136,9 @@ class MatrixPool:
         if not self._model_built:
             model = self.settings.model_path
             if model is None and not self.settings.metaloom_url:
-                from pytest_metaloom.server.model import ModelSpec, build_tiny_model
+                from pytest_metaloom.server.model import build_tiny_model
 
-                model = build_tiny_model(ModelSpec())
+                model = build_tiny_model(model_spec(self.settings))
             self._model, self._model_built = model, True
         return self._model
 

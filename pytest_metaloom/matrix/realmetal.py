@@ -14,13 +14,10 @@ import math
 import platform
 import shutil
 import subprocess
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from pytest_metaloom.judge.oracle import Outcome
 
 SYSCTL_KEY = "iogpu.wired_limit_mb"
 
@@ -184,81 +181,50 @@ def sysctl_limit_mb(model: str | Path | None, headroom: int = SYSCTL_HEADROOM) -
     return max(1, math.ceil((weights + headroom) / 2**20))
 
 
-@dataclass
-class RealResult:
-    """What one real run saw: the outcome plus the evidence behind it."""
+class MetalPressure:
+    """MLX's own limits inside the server, and optionally ``iogpu.wired_limit_mb``."""
 
-    plan: RealMetalPlan
-    outcome: Outcome
-    turns: list[int | None] = field(default_factory=list)
-    kind: str | None = None
-    semantics: str | None = None
-    limits: dict[str, Any] = field(default_factory=dict)
-    events: list[dict] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    log_tail: str = ""
+    name = "metal"
+    hold_through_recovery = False  # the machine-wide ceiling goes back as soon as it can
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "outcome": self.outcome.outcome,
-            "reasons": self.outcome.reasons,
-            "kind": self.kind,
-            "semantics": self.semantics,
-            "turns": self.turns,
-            "limits": self.limits,
-            "facts": self.outcome.facts.to_dict(),
-            "timings": self.timings,
-        }
+    def __init__(self, wired: str | None, memory: str | None, sysctl_mb: int | None) -> None:
+        self.wired = wired
+        self.memory = memory
+        self.sysctl_mb = sysctl_mb
+        self.ceiling: Any = None
 
+    def prepare(self, server: Any) -> dict[str, Any]:
+        if self.wired is None and self.memory is None:
+            return {}
+        return server.metal_limits(wired=self.wired, memory=self.memory)
 
-def _drive(server: Any, plan: RealMetalPlan) -> tuple[Any, list[int | None]]:
-    """The seed report's tool loop until the server fails or ``max_turns`` pass."""
-    from pytest_metaloom.judge import workload
+    def squeeze(self) -> dict[str, Any]:
+        if self.sysctl_mb is None:
+            return {}
+        self.ceiling = WiredLimit(self.sysctl_mb).apply()
+        return {"sysctl_mb": self.sysctl_mb}
 
-    messages = workload.tool_loop_start()
-    statuses: list[int | None] = []
-    last = None
-    for turn in range(plan.max_turns):
-        messages = workload.tool_loop_turn(messages, turn, document_words=plan.document_words)
-        last = workload.chat(
-            server.url,
-            messages,
-            request_id=workload.new_request_id("real"),
-            max_tokens=plan.max_tokens,
-            tools=[workload.WEATHER_TOOL],
-            deadline=plan.deadline,
-        )
-        statuses.append(last.status)
-        if not last.ok or not server.is_alive():
-            break
-    return last, statuses
+    def relax(self) -> None:
+        if self.ceiling is not None:
+            self.ceiling.restore()
+            self.ceiling = None
+
+    def tighten(self) -> dict[str, Any]:
+        return {}
+
+    def settle(self) -> dict[str, Any]:
+        return {}
 
 
-def _wait(predicate: Callable[[], bool], timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < end:
-        time.sleep(0.05)
-
-
-def _sequences_at_start(events: list[dict], request_id: str) -> int | None:
-    for event in events:
-        if event.get("event") == "request_start" and event.get("request_id") == request_id:
-            return (event.get("cache") or {}).get("sequences")
-    return None
-
-
-def run_real_scenario(server: Any, plan: RealMetalPlan | None = None) -> RealResult:
+def run_real_scenario(server: Any, plan: RealMetalPlan | None = None) -> Any:
     """Lower the real limits, drive the tool loop until MLX fails for real, classify.
 
-    Nothing is simulated: the injector in the server only applies the limits (its
-    ``limits`` op arms no fault). On a backend that never fails (the CPU one) the
-    honest result is ``not_fired``: "no real failure within N turns".
+    The Metal face of :func:`pytest_metaloom.matrix.realdevice.run_real_device`: the
+    same drive and judge, with MLX's limits (and, opted in, the system ceiling) as the
+    squeeze. Nothing is simulated: the injector only applies the limits. On a backend
+    that never fails (the CPU one) the honest result is ``not_fired``.
     """
-    from pytest_metaloom.inject.faults import FAULT_KINDS, default_semantics
-    from pytest_metaloom.judge import workload
-    from pytest_metaloom.judge.oracle import NOT_FIRED, Facts, classify, request_facts
-    from pytest_metaloom.matrix.runner import survival_facts
-    from pytest_metaloom.tools.classify import classify_text
+    from pytest_metaloom.matrix import realdevice
 
     plan = plan or RealMetalPlan()
     if getattr(server, "injector", None) is None:
@@ -266,92 +232,16 @@ def run_real_scenario(server: Any, plan: RealMetalPlan | None = None) -> RealRes
             "real Metal mode lowers the limits inside the server, so it needs a server that "
             "metaloom started (not --metaloom-url / an external server)"
         )
-    timings: dict[str, float] = {}
-    t0 = time.monotonic()
-    limits: dict[str, Any] = {}
-    if plan.wired is not None or plan.memory is not None:
-        limits = server.metal_limits(wired=plan.wired, memory=plan.memory)
-    probe = workload.single_turn(PROBE_PROMPT)
-    workload.chat(server.url, probe, max_tokens=1, deadline=plan.deadline)
-    warm = workload.chat(server.url, probe, max_tokens=1, deadline=plan.deadline)
-    pid_before = server.pid
-    events_before = len(server.events())
-    log_before = len(server.log_text())
-
-    t_drive = time.monotonic()
-    ceiling = WiredLimit(plan.sysctl_mb) if plan.sysctl_mb is not None else None
-    if ceiling is not None:
-        ceiling.apply()
-    try:
-        affected, turns = _drive(server, plan)
-    finally:
-        if ceiling is not None:
-            ceiling.restore()
-    timings["drive"] = time.monotonic() - t_drive
-
-    fired = not (affected.ok and server.is_alive())
-    if fired and not server.is_alive():
-        _wait(lambda: not server.is_alive(), 5.0)
-    elif fired:
-        _wait(server.is_alive, 0.5)  # an abort may still be on its way
-    found = classify_text(server.log_text()[log_before:])
-    kind = found.kind if found.kind in FAULT_KINDS else None
-    semantics = found.semantics
-    if kind is not None and semantics is None and FAULT_KINDS[kind].family == "command_buffer":
-        started = [e for e in server.events() if e.get("event") == "started"]
-        semantics = default_semantics(started[-1].get("mlx_version", "0.32") if started else "0.32")
-    alive = server.is_alive()
-    health_after_fault = workload.health(server.url) if alive else None
-    if alive and fired and getattr(server, "guard", False):
-        _wait(lambda: workload.health(server.url) == 200, 60.0)
-
-    recovery: list[Any] = []
-    cached_after = sequences_after = None
-    if alive and fired:
-        probe_obs = workload.chat(server.url, probe, max_tokens=1, deadline=plan.deadline)
-        recovery.append(probe_obs)
-        cached_after = probe_obs.cached_tokens if probe_obs.ok else None
-        sequences_after = _sequences_at_start(server.events(events_before), probe_obs.request_id)
-        recovery.append(
-            workload.chat(
-                server.url,
-                workload.single_turn("after the real failure"),
-                max_tokens=2,
-                deadline=plan.deadline,
-            )
-        )
-    fault = FAULT_KINDS[kind] if kind is not None else None
-    facts = Facts(
-        fault=kind or "real_metal",
-        expected_status=fault.expected_status if fault else 503,
-        needs_cache_reset=fault.is_oom if fault else True,
-        fired=fired,
-        **survival_facts(
-            server,
-            pid_before=pid_before,
-            health_after_fault=health_after_fault,
-            recovery=recovery,
-        ),
-        cache_sequences_after=sequences_after,
-        cached_tokens_before=warm.cached_tokens,
-        cached_tokens_after=cached_after,
-        **request_facts(affected),
+    device_plan = realdevice.RealDevicePlan(
+        turn_words=plan.document_words,
+        max_turns=plan.max_turns,
+        max_tokens=plan.max_tokens,
+        deadline=plan.deadline,
     )
-    outcome = classify(facts)
-    if outcome.outcome == NOT_FIRED:
-        outcome = Outcome(NOT_FIRED, [f"no real failure within {len(turns)} turns"], facts)
-    timings["total"] = time.monotonic() - t0
-    return RealResult(
-        plan=plan,
-        outcome=outcome,
-        turns=turns,
-        kind=kind,
-        semantics=semantics,
-        limits=limits,
-        events=server.events(events_before),
-        timings=timings,
-        log_tail=server.log_tail(30),
-    )
+    pressure = MetalPressure(plan.wired, plan.memory, plan.sysctl_mb)
+    result = realdevice.run_real_device(server, device_plan, pressure)
+    result.plan = plan
+    return result
 
 
 def plan_for(settings: Any, model: str | Path | None) -> RealMetalPlan:

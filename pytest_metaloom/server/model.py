@@ -580,3 +580,45 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# Named sizes for --metaloom-model-spec. "large" is the model the real-GPU runs use: big
+# enough that a growing conversation exhausts a few GB of headroom within a few turns.
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {},
+    "large": {
+        "layers": 8,
+        "hidden_size": 1024,
+        "heads": 8,
+        "kv_heads": 8,
+        "intermediate_size": 2048,
+        "max_position_embeddings": 1 << 20,
+    },
+}
+
+
+def spec_from_text(text: str) -> ModelSpec:
+    """A ModelSpec from a preset name or ``key=value`` pairs (``large,layers=4`` mixes both)."""
+    known = {f.name: f.type for f in fields(ModelSpec)}
+    values: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            if part not in MODEL_PRESETS:
+                raise ModelError(
+                    f"model spec {part!r} is neither a preset ({', '.join(MODEL_PRESETS)}) "
+                    "nor key=value (e.g. 'layers=8,hidden_size=1024')"
+                )
+            values.update(MODEL_PRESETS[part])
+            continue
+        key, _, raw = (s.strip() for s in part.partition("="))
+        if key not in known:
+            raise ModelError(f"model spec key {key!r} is unknown; use one of {', '.join(known)}")
+        values[key] = raw if key == "dtype" else _int(key, raw)
+    return ModelSpec(**values)
+
+
+def _int(key: str, raw: str) -> int:
+    try:
+        return int(raw, 0) if not raw.startswith("1<<") else 1 << int(raw[3:])
+    except ValueError:
+        raise ModelError(f"model spec {key}={raw!r} is not an integer") from None
