@@ -7,6 +7,10 @@ It plays the part of the servers projects build on mlx-lm: it loads the model wi
 write: an MLX memory error answers 503 with an OpenAI-style error body, empties the
 prompt cache and MLX's buffer cache, and the server keeps serving.
 
+``--model-process`` runs the engine in a child started with multiprocessing's
+``spawn`` (as mlx-openai-server does): the front process only relays, so the runtime
+must switch on in the child.
+
 ``--no-oom-handling`` turns that off (every error is a 500 and the cache is kept), so
 a test can show the harness telling the two apart.
 """
@@ -104,13 +108,69 @@ class Engine:
         (uid,) = gen.insert([tokens], max_tokens=[max_tokens])
         waiting[uid] = ([], answer)
 
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens)
+
     def forget(self) -> None:
         """After a memory error: the prompt cache and MLX's buffer cache go."""
         self.cache.trim_to(n_sequences=0)
         self.mx.clear_cache()
 
 
-def make_handler(engine: Engine, handle_oom: bool) -> type[BaseHTTPRequestHandler]:
+class RemoteEngine:
+    """The engine in a spawned model process; this front process never loads a model."""
+
+    def __init__(self, model_path: str, batched: bool) -> None:
+        import multiprocessing as mp
+
+        import mlx_lm.generate  # noqa: F401 - a front that imports mlx-lm must stay inert
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_model_process, args=(child, model_path, batched))
+        self.proc.daemon = True
+        self.proc.start()
+        self.lock = threading.Lock()
+        if self.conn.recv() != "ready":
+            raise RuntimeError("model process failed to start")
+
+    def _ask(self, *request: Any) -> Any:
+        with self.lock:
+            self.conn.send(request)
+            kind, value = self.conn.recv()
+        if kind == "error":
+            raise RuntimeError(value)
+        return value
+
+    def prompt(self, messages: list[dict]) -> list[int]:
+        return self._ask("prompt", messages)
+
+    def generate(self, tokens: list[int], max_tokens: int) -> tuple[list[int], int]:
+        return self._ask("generate", tokens, max_tokens)
+
+    def decode(self, tokens: list[int]) -> str:
+        return self._ask("decode", tokens)
+
+    def forget(self) -> None:
+        self._ask("forget")
+
+
+def _model_process(conn: Any, model_path: str, batched: bool) -> None:
+    engine = Engine(model_path, batched)
+    conn.send("ready")
+    while True:
+        op, *args = conn.recv()
+        try:
+            if op == "decode":
+                value: Any = engine.tokenizer.decode(args[0])
+            else:
+                value = getattr(engine, op)(*args)
+            conn.send(("ok", value))
+        except Exception as exc:
+            conn.send(("error", str(exc)))
+
+
+def make_handler(engine: Any, handle_oom: bool) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -161,7 +221,7 @@ def make_handler(engine: Engine, handle_oom: bool) -> type[BaseHTTPRequestHandle
                 "total_tokens": len(tokens) + len(out),
                 "prompt_tokens_details": {"cached_tokens": cached},
             }
-            text = engine.tokenizer.decode(out)
+            text = engine.decode(out)
             created = int(time.time())
             if stream:
                 delta = {"choices": [{"index": 0, "delta": {"content": text}}], "created": created}
@@ -184,9 +244,11 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--batched", action="store_true", help="serve with BatchGenerator")
+    parser.add_argument("--model-process", action="store_true", help="spawned model process")
     parser.add_argument("--no-oom-handling", action="store_true")
     args = parser.parse_args()
-    engine = Engine(args.model, args.batched)
+    make = RemoteEngine if args.model_process else Engine
+    engine = make(args.model, args.batched)
     handler = make_handler(engine, handle_oom=not args.no_oom_handling)
     server = ThreadingHTTPServer((args.host, args.port), handler)
     server.daemon_threads = True
