@@ -151,6 +151,12 @@ class LiveServer:
         """Arm (replacing whatever was armed) a fault spec in the running server."""
         return self._require_injector().arm(spec)
 
+    def require_runtime(self, timeout: float = 15.0) -> None:
+        """Raise ``RuntimeNotStarted`` (cause and fix) unless some process of the server
+        runs the injector runtime; the matrix checks this once per server start."""
+        injector = self._require_injector()
+        injector.wait_started(timeout, alive=self.is_alive)
+
     def disarm(self) -> dict:
         return self._require_injector().disarm()
 

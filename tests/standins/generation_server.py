@@ -45,8 +45,13 @@ class Engine:
         if batched:
             threading.Thread(target=self._batch_loop, name="batch", daemon=True).start()
 
-    def prompt(self, messages: list[dict]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    def prompt(self, body: dict) -> list[int]:
+        """Chat messages through the template, or a plain completion prompt."""
+        if "messages" not in body:
+            return list(self.tokenizer.encode(str(body.get("prompt", ""))))
+        return list(
+            self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True)
+        )
 
     def generate(self, tokens: list[int], max_tokens: int) -> tuple[list[int], int]:
         """Generated token ids and the number of prompt tokens served from the cache."""
@@ -142,8 +147,8 @@ class RemoteEngine:
             raise RuntimeError(value)
         return value
 
-    def prompt(self, messages: list[dict]) -> list[int]:
-        return self._ask("prompt", messages)
+    def prompt(self, body: dict) -> list[int]:
+        return self._ask("prompt", body)
 
     def generate(self, tokens: list[int], max_tokens: int) -> tuple[list[int], int]:
         return self._ask("generate", tokens, max_tokens)
@@ -203,7 +208,7 @@ def make_handler(engine: Any, handle_oom: bool) -> type[BaseHTTPRequestHandler]:
             body = json.loads(self.rfile.read(length) or b"{}")
             stream = bool(body.get("stream"))
             try:
-                tokens = engine.prompt(body.get("messages") or [])
+                tokens = engine.prompt(body)
                 out, cached = engine.generate(tokens, int(body.get("max_tokens") or 16))
             except Exception as exc:
                 text = str(exc)
@@ -231,8 +236,11 @@ def make_handler(engine: Any, handle_oom: bool) -> type[BaseHTTPRequestHandler]:
                 }
                 self._send(200, {"chunk": delta, "final": final}, stream=True)
                 return
-            message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
+            if "messages" in body:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
             self._send(200, {"choices": [choice], "usage": usage, "created": created})
 
     return Handler
