@@ -20,6 +20,7 @@ class Settings:
     metal_oom: bool = False
     metaloom_model: str | None = None
     metaloom_url: str | None = None
+    metaloom_server: str | None = None
     metaloom_server_cmd: str | None = None
     metaloom_server_args: str | None = None
     metaloom_start_timeout: float = 60.0
@@ -59,8 +60,19 @@ class Settings:
         return Path(self.metaloom_model).expanduser() if self.metaloom_model else None
 
     @property
+    def profile(self) -> Any:
+        """The server profile (``--metaloom-server``); raises ``ProfileError`` with the fix."""
+        from .server.profiles import load_profile
+
+        return load_profile(self.metaloom_server)
+
+    @property
     def server_command(self) -> list[str] | None:
-        return shlex.split(self.metaloom_server_cmd) if self.metaloom_server_cmd else None
+        """--metaloom-server-cmd, else the profile's command (None: mlx_lm.server)."""
+        if self.metaloom_server_cmd:
+            return shlex.split(self.metaloom_server_cmd)
+        command = self.profile.command
+        return list(command) if command else None
 
     @property
     def server_args(self) -> list[str]:

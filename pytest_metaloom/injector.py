@@ -181,7 +181,9 @@ class Injector:
         """Bounded wait for the runtime; :class:`RuntimeNotStarted` names cause and fix."""
         deadline = time.monotonic() + timeout
         while not self.listening():
-            if not alive() or time.monotonic() >= deadline:
+            # no bootstrap event: no process of the ready server runs Python with our path
+            nothing = not any(e.get("event") == "bootstrap" for e in self.events())
+            if nothing or not alive() or time.monotonic() >= deadline:
                 raise RuntimeNotStarted(self.diagnose(waited=timeout))
             time.sleep(0.05)
 

@@ -34,6 +34,7 @@ class PatchTarget:
     overlay: Path | None = None
     runner: Any = None
     error: str | None = None
+    error_told: bool = False  # a server-start error is shown in full once, then referred to
 
     @property
     def server(self) -> Any:
@@ -57,6 +58,13 @@ class MatrixPool:
 
     def runner(self, target: PatchTarget) -> Any:
         if target.error:
+            if target.error_told:
+                first = target.error.split(":")[0]
+                raise MatrixSetupError(
+                    f"not run: {first} (the cause and the fix are given "
+                    f"once, on the first scenario of {target.label})"
+                )
+            target.error_told = target.error.startswith(RUNTIME_ERROR)
             raise MatrixSetupError(target.error)
         if target.runner is None:
             from .matrix import ScenarioRunner
@@ -75,6 +83,16 @@ class MatrixPool:
             server = self._new_server(target)
             server.start()
             external = bool(self.settings.metaloom_url)
+            if not external:
+                from .injector import RuntimeNotStarted
+
+                try:
+                    server.require_runtime()
+                except RuntimeNotStarted as exc:
+                    server.stop()
+                    target.error = f"{RUNTIME_ERROR}: {exc}"
+                    target.error_told = True
+                    raise MatrixSetupError(target.error) from None
             target.runner = ScenarioRunner(
                 server,
                 hang_deadline=HANG_DEADLINE,
@@ -89,11 +107,13 @@ class MatrixPool:
         from .live import LiveServer
 
         run_dir = Path(tempfile.mkdtemp(prefix=f"{target.label}-", dir=self.base_dir))
+        profile = self.settings.profile
         server = LiveServer(
             run_dir=run_dir,
             model=self.model,
             command=self.settings.server_command,
             server_args=self.settings.server_args,
+            env=profile.server_env(),
             overlay=target.overlay,
             guard=self.settings.metaloom_guard,
             # the matrix kills the worker on purpose, many times a minute: lift the
@@ -102,8 +122,8 @@ class MatrixPool:
             guard_options={"max_restarts": 10_000, "hang_timeout": HANG_DEADLINE / 4},
             url=self.settings.metaloom_url,
             name=f"server-{target.label}",
-            start_timeout=self.settings.metaloom_start_timeout,
-            ready_timeout=self.settings.metaloom_ready_timeout,
+            start_timeout=max(self.settings.metaloom_start_timeout, profile.start_timeout or 0),
+            ready_timeout=max(self.settings.metaloom_ready_timeout, profile.start_timeout or 0),
             stop_timeout=self.settings.metaloom_stop_timeout,
         )
         _STARTED.add(server)
@@ -119,6 +139,9 @@ class MatrixPool:
 
 class MatrixSetupError(Exception):
     """A patch set or server could not be prepared; every scenario of it errors."""
+
+
+RUNTIME_ERROR = "the server cannot run the metaloom runtime"
 
 
 class ScenarioFailure(Exception):
@@ -157,7 +180,12 @@ class ScenarioItem(pytest.Item):
 
     def runtest(self) -> None:
         pool: MatrixPool = self.config._metaloom_pool  # type: ignore[attr-defined]
-        runner = pool.runner(self.target)
+        try:
+            runner = pool.runner(self.target)
+        except MatrixSetupError as exc:
+            # the report is still written: this scenario's record says why it did not run
+            self.user_properties.append((PROPERTY, json.dumps(not_run_record(self, str(exc)))))
+            raise
         result = runner.run(self.scenario)
         claimed = self.target.claims(self.scenario)
         outcome = result.outcome.outcome
@@ -218,6 +246,8 @@ def reproduce_command(item: ScenarioItem) -> str:
         argv.append("--metaloom-guard")
     if settings.metaloom_model:
         argv += ["--metaloom-model", settings.metaloom_model]
+    if settings.metaloom_server:
+        argv += ["--metaloom-server", settings.metaloom_server]
     argv += ["--metaloom-seed", str(settings.metaloom_seed)]
     return shlex.join(argv)
 
@@ -251,6 +281,39 @@ def build_record(item: ScenarioItem, result: Any, claimed: bool) -> dict[str, An
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
         "guard": bool(result.outcome.facts.behind_guard),
         "reproduce": reproduce_command(item),
+        **server_fields(item),
+    }
+
+
+def server_fields(item: Any) -> dict[str, Any]:
+    """Which server profile ran, and the evidence it cannot give (each with the reason)."""
+    profile = item.config._metaloom_settings.profile
+    return {"server": profile.name, "unproven_evidence": profile.unproven()}
+
+
+def not_run_record(item: ScenarioItem, reason: str) -> dict[str, Any]:
+    """The report record of a scenario whose server or patch set could not be prepared."""
+    scenario = item.scenario
+    return {
+        "id": scenario.id,
+        "nodeid": item.nodeid,
+        "patch_set": item.target.label,
+        "fault": scenario.fault,
+        "semantics": scenario.semantics,
+        "path": scenario.path,
+        "stream": scenario.stream,
+        "site": scenario.site,
+        "workload": scenario.workload,
+        "outcome": "not_run",
+        "expected": "graceful",
+        "claimed": item.target.claims(scenario) if item.target.patch_set is not None else True,
+        "verdict": "not run",
+        "passed": False,
+        "reasons": [reason],
+        "facts": {},
+        "timings": {},
+        "guard": False,
+        "reproduce": reproduce_command(item),
     }
 
 
@@ -278,17 +341,20 @@ def make_targets(settings: Settings) -> dict[str, PatchTarget]:
 
 def collect_matrix(session: pytest.Session, settings: Settings) -> list[pytest.Item]:
     from .matrix import build_matrix
+    from .server.profiles import ProfileError
 
     try:
+        profile = settings.profile
         scenarios = build_matrix(
             faults=settings.metaloom_faults,
             semantics=settings.metaloom_semantics,
-            paths=settings.metaloom_paths,
+            # a server serves only some paths: a scenario on another could never fire
+            paths=settings.metaloom_paths or list(profile.paths),
             sites=settings.metaloom_sites,
             stream=settings.metaloom_stream,
             full=settings.metaloom_full_matrix,
         )
-    except ValueError as exc:
+    except (ValueError, ProfileError) as exc:
         raise pytest.UsageError(f"metaloom: {exc}") from exc
     targets = make_targets(settings)
     base_dir = Path(tempfile.mkdtemp(prefix="metaloom-matrix-"))
