@@ -172,8 +172,9 @@ def test_a_command_that_drops_pythonpath_names_it(tmp_path):
 def test_matrix_verdicts_in_a_downstream_server(model_dir, tmp_path, handling):
     """resource_limit on both paths: graceful with the server's OOM handling, and a
     failing verdict without it -- the harness tells the two apart."""
-    flags = ("--batched",) if handling == "graceful" else ("--no-oom-handling",)
-    path = "batched" if "--batched" in flags else "sequential"
+    # sequential: stream_generate with LRUPromptCache, so cached_tokens witnesses the reset
+    flags = () if handling == "graceful" else ("--no-oom-handling",)
+    path = "sequential"
     scenarios = [
         s for s in build_matrix(faults=["resource_limit"], paths=[path]) if s.workload == "single"
     ][:1]
