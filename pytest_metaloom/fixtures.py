@@ -93,6 +93,7 @@ def start_server(
         ready_timeout=max(settings.metaloom_ready_timeout, profile.start_timeout or 0),
         stop_timeout=settings.metaloom_stop_timeout,
         warmup=warmup,
+        request_fields=profile.request_fields(resolve_model(request, model)),
     )
     _STARTED.add(live)
     live.start()

@@ -123,7 +123,7 @@ class Injector:
                         break
                     reply += chunk
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise RuntimeNotStarted(self.diagnose()) from exc
+            raise RuntimeNotStarted(f"cannot reach the injector: {self.diagnose()}") from exc
         except (OSError, TimeoutError) as exc:
             raise InjectorError(
                 f"cannot reach the injector at {self.control_path} ({exc}); is the server "

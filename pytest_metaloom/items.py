@@ -114,6 +114,7 @@ class MatrixPool:
             command=self.settings.server_command,
             server_args=self.settings.server_args,
             env=profile.server_env(),
+            request_fields=profile.request_fields(self.model),
             overlay=target.overlay,
             guard=self.settings.metaloom_guard,
             # the matrix kills the worker on purpose, many times a minute: lift the
@@ -350,7 +351,7 @@ def collect_matrix(session: pytest.Session, settings: Settings) -> list[pytest.I
             semantics=settings.metaloom_semantics,
             # a server serves only some paths: a scenario on another could never fire
             paths=settings.metaloom_paths or list(profile.paths),
-            sites=settings.metaloom_sites,
+            sites=settings.metaloom_sites or list(profile.sites),
             stream=settings.metaloom_stream,
             full=settings.metaloom_full_matrix,
         )

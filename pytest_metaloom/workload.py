@@ -142,6 +142,11 @@ def chat_body(
     return body
 
 
+# Fields a server wants in every request body (a server profile's request shape), by base
+# URL: vllm-mlx, for one, refuses a completion that does not name its model.
+BODY_DEFAULTS: dict[str, dict[str, Any]] = {}
+
+
 def post(
     base_url: str,
     body: dict[str, Any],
@@ -151,6 +156,7 @@ def post(
     deadline: float = 20.0,
 ) -> Observation:
     """POST one request and read the answer to its end, the deadline, or a cut."""
+    body = {**BODY_DEFAULTS.get(base_url.rstrip("/"), {}), **body}
     parts = urlsplit(base_url)
     request_id = request_id or new_request_id()
     obs = Observation(request_id=request_id, stream=bool(body.get("stream")))

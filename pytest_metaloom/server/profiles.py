@@ -69,6 +69,17 @@ class ServerProfile:
             env["METALOOM_ACTIVATE_ON"] = ",".join(self.activate_on)
         return env
 
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """Sites a fault can be placed at: ``cache`` only where mlx-lm's cache runs."""
+        if self.prompt_cache == "mlx_lm":
+            return ("prefill", "decode", "cache")
+        return ("prefill", "decode")
+
+    def request_fields(self, model: Any) -> dict[str, Any]:
+        """Fields every request body must carry for this server (its request shape)."""
+        return {"model": str(model)} if self.send_model and model is not None else {}
+
     def unproven(self) -> dict[str, str]:
         """Evidence no run against this server can produce, each with the reason."""
         out: dict[str, str] = {}
