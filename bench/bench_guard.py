@@ -297,7 +297,7 @@ def main() -> int:
     ap.add_argument("--stream-rounds", type=int, default=0, help="stream pairs (default 60)")
     ap.add_argument("--restart-rounds", type=int, default=0, help="restart pairs (default 6)")
     args = ap.parse_args()
-    from pytest_metaloom.model import ModelSpec, build_tiny_model
+    from pytest_metaloom.server.model import ModelSpec, build_tiny_model
 
     model = build_tiny_model(ModelSpec())
     load_before = os.getloadavg()[0]

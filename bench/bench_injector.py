@@ -19,9 +19,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pytest_metaloom.injector import Injector, bootstrap_env
-from pytest_metaloom.model import ModelSpec, build_tiny_model
-from pytest_metaloom.process import ServerProcess
+from pytest_metaloom.inject.injector import Injector, bootstrap_env
+from pytest_metaloom.server.model import ModelSpec, build_tiny_model
+from pytest_metaloom.server.process import ServerProcess
 
 NEVER_FIRES = "1*cmdbuf_oom@wired=1TiB"
 

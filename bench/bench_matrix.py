@@ -12,9 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from pytest_metaloom.live import LiveServer
-from pytest_metaloom.matrix import ScenarioRunner, build_matrix
-from pytest_metaloom.model import ModelSpec, build_tiny_model
+from pytest_metaloom.matrix.runner import ScenarioRunner
+from pytest_metaloom.matrix.scenarios import build_matrix
+from pytest_metaloom.server.live import LiveServer
+from pytest_metaloom.server.model import ModelSpec, build_tiny_model
 
 
 def run_matrix(model, scenarios, *, fresh: bool, overlay=None) -> tuple[float, list]:
@@ -55,7 +56,8 @@ def main() -> None:
     model = build_tiny_model(ModelSpec())
     overlay = None
     if args.patch_set:
-        from pytest_metaloom.patchset import build_overlay, load_patch_set
+        from pytest_metaloom.patchset.manifest import load_patch_set
+        from pytest_metaloom.patchset.overlay import build_overlay
 
         overlay = build_overlay(load_patch_set(args.patch_set), Path(tempfile.mkdtemp()))
     print(f"patch set: {args.patch_set or 'none (installed mlx-lm)'}")

@@ -12,8 +12,8 @@ import sys
 import tempfile
 import time
 
-from pytest_metaloom.live import LiveServer
-from pytest_metaloom.model import ModelSpec, build_tiny_model
+from pytest_metaloom.server.live import LiveServer
+from pytest_metaloom.server.model import ModelSpec, build_tiny_model
 
 
 def bare_import() -> float:

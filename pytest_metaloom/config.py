@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .options import OPTIONS, resolve
+from pytest_metaloom.options import OPTIONS, resolve
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Settings:
     @property
     def profile(self) -> Any:
         """The server profile (``--metaloom-server``); raises ``ProfileError`` with the fix."""
-        from .server.profiles import load_profile
+        from pytest_metaloom.server.profiles import load_profile
 
         return load_profile(self.metaloom_server)
 

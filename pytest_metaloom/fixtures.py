@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from .config import Settings
+from pytest_metaloom.config import Settings
 
 _STARTED: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -69,8 +69,8 @@ def start_server(
 
     ``server`` names a server profile (built-in name or .toml path) for this server only.
     """
-    from .live import LiveServer
-    from .server.profiles import load_profile
+    from pytest_metaloom.server.live import LiveServer
+    from pytest_metaloom.server.profiles import load_profile
 
     settings = settings_of(request.config)
     factory = request.getfixturevalue("tmp_path_factory")
@@ -152,7 +152,7 @@ def metaloom_settings(request: pytest.FixtureRequest) -> Settings:
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """The built-in offline tiny llama model (built once, cached across sessions)."""
-    from .model import ModelSpec, build_tiny_model
+    from pytest_metaloom.server.model import ModelSpec, build_tiny_model
 
     return build_tiny_model(ModelSpec())
 
@@ -184,7 +184,7 @@ def mlx_server(mlx_server_session: Any) -> Iterator[Any]:
 
 
 def _healthy(server: Any) -> bool:
-    from .process import http_request
+    from pytest_metaloom.server.process import http_request
 
     if not server.is_alive():
         return False

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from .config import Settings
+from pytest_metaloom.config import Settings
+from pytest_metaloom.report.document import PROPERTY
 
-PROPERTY = "metaloom"
 HANG_DEADLINE = 4.0  # seconds a `hang` scenario waits for any answer
 IMPLICIT = "installed"
 
@@ -67,8 +67,9 @@ class MatrixPool:
             target.error_told = target.error.startswith(RUNTIME_ERROR)
             raise MatrixSetupError(target.error)
         if target.runner is None:
-            from .matrix import ScenarioRunner
-            from .patchset import PatchSetError, build_overlay
+            from pytest_metaloom.matrix.runner import ScenarioRunner
+            from pytest_metaloom.patchset.manifest import PatchSetError
+            from pytest_metaloom.patchset.overlay import build_overlay
 
             if target.patch_set is not None and target.overlay is None:
                 try:
@@ -84,7 +85,7 @@ class MatrixPool:
             server.start()
             external = bool(self.settings.metaloom_url)
             if not external:
-                from .injector import RuntimeNotStarted
+                from pytest_metaloom.inject.injector import RuntimeNotStarted
 
                 try:
                     server.require_runtime()
@@ -103,8 +104,8 @@ class MatrixPool:
         return target.runner
 
     def _new_server(self, target: PatchTarget) -> Any:
-        from .fixtures import _STARTED
-        from .live import LiveServer
+        from pytest_metaloom.fixtures import _STARTED
+        from pytest_metaloom.server.live import LiveServer
 
         run_dir = Path(tempfile.mkdtemp(prefix=f"{target.label}-", dir=self.base_dir))
         profile = self.settings.profile
@@ -173,7 +174,7 @@ class ScenarioItem(pytest.Item):
     def setup(self) -> None:
         settings: Settings = self.config._metaloom_settings  # type: ignore[attr-defined]
         if settings.metaloom_real_metal:
-            from .realmetal import metal_unavailable_reason
+            from pytest_metaloom.matrix.realmetal import metal_unavailable_reason
 
             reason = metal_unavailable_reason()
             if reason:
@@ -323,7 +324,7 @@ def make_targets(settings: Settings) -> dict[str, PatchTarget]:
     specs = settings.metaloom_patch_set
     if not specs:
         return {IMPLICIT: PatchTarget(IMPLICIT, None)}
-    from .patchset import PatchSetError, load_patch_set
+    from pytest_metaloom.patchset.manifest import PatchSetError, load_patch_set
 
     targets: dict[str, PatchTarget] = {}
     for spec in specs:
@@ -341,8 +342,8 @@ def make_targets(settings: Settings) -> dict[str, PatchTarget]:
 
 
 def collect_matrix(session: pytest.Session, settings: Settings) -> list[pytest.Item]:
-    from .matrix import build_matrix
-    from .server.profiles import ProfileError
+    from pytest_metaloom.matrix.scenarios import build_matrix
+    from pytest_metaloom.server.profiles import ProfileError
 
     try:
         profile = settings.profile
@@ -361,7 +362,7 @@ def collect_matrix(session: pytest.Session, settings: Settings) -> list[pytest.I
     base_dir = Path(tempfile.mkdtemp(prefix="metaloom-matrix-"))
     model = settings.model_path
     if model is None and not settings.metaloom_url:
-        from .model import ModelSpec, build_tiny_model
+        from pytest_metaloom.server.model import ModelSpec, build_tiny_model
 
         model = build_tiny_model(ModelSpec())
     session.config._metaloom_pool = MatrixPool(settings, base_dir, model, targets)  # type: ignore[attr-defined]
@@ -395,7 +396,7 @@ class RealMetalItem(pytest.Item):
         return ("metaloom", None, self.name)
 
     def setup(self) -> None:
-        from . import realmetal
+        from pytest_metaloom.matrix import realmetal
 
         reason = realmetal.metal_unavailable_reason()
         if reason:
@@ -408,7 +409,7 @@ class RealMetalItem(pytest.Item):
             config._metaloom_sysctl_cleanup = True  # type: ignore[attr-defined]
 
     def runtest(self) -> None:
-        from . import realmetal
+        from pytest_metaloom.matrix import realmetal
 
         pool: MatrixPool = self.config._metaloom_pool  # type: ignore[attr-defined]
         pool.runner(self.target)

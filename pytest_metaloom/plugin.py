@@ -8,12 +8,11 @@ imports mlx or mlx_lm: users who never ask for metaloom pay almost nothing.
 from __future__ import annotations
 
 import signal
-from importlib import metadata
 
 import pytest
 
-from . import __version__
-from .fixtures import (  # noqa: F401 - fixtures are registered by being importable here
+from pytest_metaloom import __version__
+from pytest_metaloom.fixtures import (  # noqa: F401 - fixtures are registered by being importable here
     metaloom_injector,
     metaloom_settings,
     mlx_server,
@@ -23,7 +22,8 @@ from .fixtures import (  # noqa: F401 - fixtures are registered by being importa
     stop_all_servers,
     tiny_model,
 )
-from .options import OPTIONS
+from pytest_metaloom.options import OPTIONS
+from pytest_metaloom.versions import backend_name, dist_version
 
 LOG_SECTION = "metaloom server log"
 
@@ -43,31 +43,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(option.ini, option.help, type=ini_type, default=None)
 
 
-def _dist_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def backend_name() -> str:
-    """Which MLX backend this machine has, told without importing mlx."""
-    import platform
-
-    if platform.system() == "Darwin" and platform.machine() == "arm64":
-        return "metal"
-    if _dist_version("mlx-cuda") or _dist_version("mlx-cuda-12") or _dist_version("mlx-cuda-13"):
-        return "cuda"
-    return "cpu"
-
-
 def pytest_report_header(config: pytest.Config) -> str:
     settings = settings_of(config)
     backend = backend_name()
     mode = "real Metal" if settings.metaloom_real_metal else "simulated Metal faults"
     model = settings.metaloom_model or settings.metaloom_url or "built-in tiny model"
     return (
-        f"metaloom: {__version__}, mlx {_dist_version('mlx')}, mlx-lm {_dist_version('mlx-lm')}, "
+        f"metaloom: {__version__}, mlx {dist_version('mlx')}, mlx-lm {dist_version('mlx-lm')}, "
         f"backend {backend} ({mode}), model: {model}"
     )
 
@@ -102,7 +84,7 @@ def pytest_collection_modifyitems(
     settings = settings_of(config)
     if not settings.metal_oom:
         return
-    from .items import collect_matrix
+    from pytest_metaloom.items import collect_matrix
 
     items.extend(collect_matrix(session, settings))
 
@@ -112,7 +94,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         return
     if not any(name == "metaloom" for name, _ in report.user_properties):
         return
-    from .report import records_from_user_properties
+    from pytest_metaloom.report.document import records_from_user_properties
 
     config = _current_config
     if config is not None:
@@ -132,7 +114,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     records = getattr(config, "_metaloom_records", [])
     if not records:
         return
-    from .report import format_table
+    from pytest_metaloom.report.table import format_table
 
     terminalreporter.write_sep("=", "metaloom: Metal OOM matrix")
     for line in format_table(records):
@@ -151,7 +133,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     settings = settings_of(config)
     records = getattr(config, "_metaloom_records", [])
     if settings.metaloom_report and records and not hasattr(config, "workerinput"):
-        from .report import build_report, write_report
+        from pytest_metaloom.report.document import build_report, write_report
 
         write_report(
             settings.metaloom_report,

@@ -9,6 +9,6 @@ import pytest
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    from pytest_metaloom.model import ModelSpec, build_tiny_model
+    from pytest_metaloom.server.model import ModelSpec, build_tiny_model
 
     return build_tiny_model(ModelSpec())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_metaloom.budget import (
+from pytest_metaloom.tools.budget import (
     GB,
     GIB,
     KV_STEP,
@@ -88,9 +88,9 @@ def test_kv_formula_errors_name_the_fix() -> None:
 
 
 def test_kv_formula_agrees_with_model_module() -> None:
-    if importlib.util.find_spec("pytest_metaloom.model") is None:
-        pytest.skip("pytest_metaloom.model not written yet")
-    from pytest_metaloom.model import kv_bytes_per_token_from_config
+    if importlib.util.find_spec("pytest_metaloom.server.model") is None:
+        pytest.skip("pytest_metaloom.server.model not written yet")
+    from pytest_metaloom.server.model import kv_bytes_per_token_from_config
 
     for config in (LLAMA_8B, dict(LLAMA_8B, torch_dtype="float16", head_dim=256)):
         assert kv_bytes_per_token(config) == kv_bytes_per_token_from_config(config)
@@ -221,9 +221,9 @@ def test_linux_without_a_ceiling_is_an_error() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if importlib.util.find_spec("pytest_metaloom.model") is None:
-        pytest.skip("pytest_metaloom.model (tiny model builder) not written yet")
-    from pytest_metaloom.model import ModelSpec, build_tiny_model
+    if importlib.util.find_spec("pytest_metaloom.server.model") is None:
+        pytest.skip("pytest_metaloom.server.model (tiny model builder) not written yet")
+    from pytest_metaloom.server.model import ModelSpec, build_tiny_model
 
     spec = ModelSpec(layers=4, hidden_size=256, heads=8, kv_heads=4, intermediate_size=256)
     return build_tiny_model(spec, cache_dir=tmp_path_factory.mktemp("models"))
@@ -307,11 +307,11 @@ def run_tool_loop(run_dir: Path, server_args: list[str], turns: int) -> ToolLoop
     requests carry a ``seed`` so they take the sequential path, which keeps one KV cache per
     request and stores it in the prompt cache once, at the end.
     """
-    if importlib.util.find_spec("pytest_metaloom.live") is None:
-        pytest.skip("pytest_metaloom.live not written yet")
-    from pytest_metaloom import workload
-    from pytest_metaloom.live import LiveServer
-    from pytest_metaloom.model import ModelSpec, build_tiny_model
+    if importlib.util.find_spec("pytest_metaloom.server.live") is None:
+        pytest.skip("pytest_metaloom.server.live not written yet")
+    from pytest_metaloom.judge import workload
+    from pytest_metaloom.server.live import LiveServer
+    from pytest_metaloom.server.model import ModelSpec, build_tiny_model
 
     model_dir = build_tiny_model(ModelSpec(**LIVE_SPEC))  # type: ignore[arg-type]
     budget = inputs_from_model_dir(model_dir, ceiling=Ceiling(GIB, "test"))

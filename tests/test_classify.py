@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_metaloom.classify import (
+from pytest_metaloom.tools.classify import (
     FAULT_KIND_NAMES,
     KINDS,
     UnreadableLogError,
@@ -213,8 +213,8 @@ def test_large_log_is_streamed(tmp_path: Path) -> None:
 
 def test_kinds_match_the_injector() -> None:
     assert set(FAULT_KIND_NAMES) < set(KINDS)
-    if importlib.util.find_spec("pytest_metaloom.faults") is None:
-        pytest.skip("pytest_metaloom.faults not written yet; kinds are spelled locally")
-    from pytest_metaloom import faults
+    if importlib.util.find_spec("pytest_metaloom.inject.faults") is None:
+        pytest.skip("pytest_metaloom.inject.faults not written yet; kinds are spelled locally")
+    from pytest_metaloom.inject import faults
 
     assert set(FAULT_KIND_NAMES) == set(faults.FAULT_KINDS)

@@ -17,7 +17,7 @@ def metaloom(
     *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pytest_metaloom.cli", *args],
+        [sys.executable, "-m", "pytest_metaloom.tools.cli", *args],
         input=stdin.decode() if stdin is not None else None,
         capture_output=True,
         text=True,

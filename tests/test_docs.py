@@ -16,7 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pytest_metaloom import faults, oracle
+from pytest_metaloom.inject import faults
+from pytest_metaloom.judge import oracle
 from pytest_metaloom.options import OPTIONS, Option
 
 pytest_plugins = ["pytester"]

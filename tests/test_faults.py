@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_metaloom.faults import (
+from pytest_metaloom.inject.faults import (
     FAULT_KINDS,
     PATHS,
     SEMANTICS,

@@ -22,9 +22,11 @@ from typing import Any
 
 import pytest
 
-from pytest_metaloom import faults, workload
-from pytest_metaloom.live import LiveServer
-from pytest_metaloom.patchset import build_overlay, load_patch_set
+from pytest_metaloom.inject import faults
+from pytest_metaloom.judge import workload
+from pytest_metaloom.patchset.manifest import load_patch_set
+from pytest_metaloom.patchset.overlay import build_overlay
+from pytest_metaloom.server.live import LiveServer
 
 pytest_plugins = ["pytester"]
 

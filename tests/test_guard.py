@@ -625,7 +625,7 @@ def test_real_server_seed_scenario_abort_then_cold_cache(
     cache holds the warm-up's own one-token-completion entry, which shares only the BOS token
     with any later prompt, so exactly 1 token reads as cached.
     """
-    from pytest_metaloom.injector import bootstrap_env
+    from pytest_metaloom.inject.injector import bootstrap_env
 
     env = bootstrap_env(tmp_path / "inj", faults="1*cmdbuf_oom(abort)@request=boom")
     cmd = [*MLX_SERVER, "--model", str(model_dir)]

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from pytest_metaloom.faults import FAULT_KINDS, FaultSpecError, abort_line, message
-from pytest_metaloom.injector import REQUEST_HEADER, Injector, InjectorError, bootstrap_env
-from pytest_metaloom.process import ServerProcess
+from pytest_metaloom.inject.faults import FAULT_KINDS, FaultSpecError, abort_line, message
+from pytest_metaloom.inject.injector import REQUEST_HEADER, Injector, InjectorError, bootstrap_env
+from pytest_metaloom.server.process import ServerProcess
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -490,7 +490,7 @@ def test_metaloom_limits_are_applied_at_start_up(model_dir: Path, tmp_path: Path
 
 
 def test_stream_fault_after_tokens_ends_without_done_on_stock(srv: Live) -> None:
-    from pytest_metaloom import workload
+    from pytest_metaloom.judge import workload
 
     since = srv.mark()
     srv.inj.arm("1*resource_limit@site=decode,path=sequential,after_tokens=2,request=strm")

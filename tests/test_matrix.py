@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_metaloom.faults import FAULT_KINDS, PATHS, SITES
-from pytest_metaloom.matrix import STREAM_MODES, Scenario, ScenarioRunner, build_matrix
+from pytest_metaloom.inject.faults import FAULT_KINDS, PATHS, SITES
+from pytest_metaloom.matrix.runner import ScenarioRunner
+from pytest_metaloom.matrix.scenarios import STREAM_MODES, Scenario, build_matrix
 
 
 def test_default_matrix_covers_every_dimension_without_the_cross_product():
@@ -42,7 +43,7 @@ def test_filters_narrow_and_typos_fail():
 
 
 def test_specs_target_one_request_and_parse():
-    from pytest_metaloom.faults import parse_spec
+    from pytest_metaloom.inject.faults import parse_spec
 
     for scenario in build_matrix(full=True):
         spec = scenario.spec("req-1")

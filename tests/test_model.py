@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from pytest_metaloom.model import (
+from pytest_metaloom.server.model import (
     MARKER_FILE,
     ModelError,
     ModelSpec,
@@ -76,7 +76,7 @@ def read_tree(root: Path) -> dict[str, bytes]:
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pytest_metaloom.model", *args],
+        [sys.executable, "-m", "pytest_metaloom.server.model", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -145,7 +145,7 @@ def test_cache_dir_defaults_to_the_environment(
 
 def test_concurrent_builds_of_one_spec_agree(tmp_path: Path) -> None:
     # Two real processes race to build the same spec into one cache directory.
-    cmd = [sys.executable, "-m", "pytest_metaloom.model", "--out", str(tmp_path), "--json"]
+    cmd = [sys.executable, "-m", "pytest_metaloom.server.model", "--out", str(tmp_path), "--json"]
     procs = [
         subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
@@ -413,7 +413,7 @@ def test_real_server_serves_a_tool_loop(model_dir: Path, tmp_path: Path) -> None
 def test_import_stays_light() -> None:
     # The plugin imports this module at collection time; mlx and tokenizers must stay lazy.
     code = (
-        "import sys, pytest_metaloom.model\n"
+        "import sys, pytest_metaloom.server.model\n"
         "heavy = [m for m in sys.modules if m.split('.')[0] in "
         "('mlx', 'mlx_lm', 'tokenizers', 'transformers', 'numpy')]\n"
         "print(heavy)\n"

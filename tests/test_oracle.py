@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from pytest_metaloom import workload
-from pytest_metaloom.oracle import (
+from pytest_metaloom.judge import workload
+from pytest_metaloom.judge.oracle import (
     Facts,
     NotGraceful,
     assert_cache_reset,

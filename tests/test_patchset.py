@@ -16,17 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_metaloom import faults
-from pytest_metaloom.patchset import (
-    OVERLAY_MARKER,
-    PatchSetError,
-    build_overlay,
-    check_patch_set,
-    installed_mlx_lm,
-    load_patch_set,
-    patchset_check_main,
-    server_env,
-)
+from pytest_metaloom.inject import faults
+from pytest_metaloom.patchset.check import check_patch_set, patchset_check_main
+from pytest_metaloom.patchset.manifest import OVERLAY_MARKER, PatchSetError, load_patch_set
+from pytest_metaloom.patchset.overlay import build_overlay, installed_mlx_lm, server_env
 
 REPO = Path(__file__).resolve().parents[1]
 GRACEFUL = REPO / "patchsets" / "graceful-oom"
@@ -420,8 +413,8 @@ def test_default_command_buffer_semantics_follow_the_installed_mlx(
     """Why the set's base says ``deferred``: below mlx 0.32 the same fault kills the process."""
     import mlx.core as mx
 
-    from pytest_metaloom import workload
-    from pytest_metaloom.live import LiveServer
+    from pytest_metaloom.judge import workload
+    from pytest_metaloom.server.live import LiveServer
 
     expected = faults.default_semantics(mx.__version__)
     with LiveServer(run_dir=tmp_path / "run", model=model_dir, name="semantics") as server:

@@ -66,7 +66,7 @@ def test_settings_resolve_cli_over_env_over_ini(pytester, monkeypatch):
 def test_mlx_server_fixture_serves_and_failing_test_shows_log(pytester, model_dir):
     pytester.makepyfile(
         """
-        from pytest_metaloom import workload
+        from pytest_metaloom.judge import workload
 
         def test_serves(mlx_server):
             obs = workload.chat(mlx_server.url, workload.single_turn(), max_tokens=3)
@@ -87,11 +87,11 @@ def test_mlx_server_fixture_serves_and_failing_test_shows_log(pytester, model_di
 def test_url_mode_reuses_a_running_server_and_fails_clearly_when_nothing_listens(
     pytester, model_dir, tmp_path
 ):
-    from pytest_metaloom.process import ServerProcess
+    from pytest_metaloom.server.process import ServerProcess
 
     pytester.makepyfile(
         """
-        from pytest_metaloom import workload
+        from pytest_metaloom.judge import workload
 
         def test_uses_it(mlx_server, metaloom_settings):
             assert mlx_server.url == metaloom_settings.metaloom_url.rstrip("/")
@@ -194,7 +194,7 @@ def test_xdist_runs_the_matrix_with_one_combined_report(pytester):
     result, rows, _ = _run_matrix(
         pytester, "-n", "2", "--metaloom-faults=resource_limit,runtime_error"
     )
-    from pytest_metaloom.matrix import build_matrix
+    from pytest_metaloom.matrix.scenarios import build_matrix
 
     assert len(rows) == len(build_matrix(faults=["resource_limit", "runtime_error"]))
     assert {r["outcome"] for r in rows.values()} <= {"wedged", "request_lost"}

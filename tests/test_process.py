@@ -9,8 +9,8 @@ import psutil
 import pytest
 from support import alive, fake_server_cmd
 
-from pytest_metaloom import ports
-from pytest_metaloom.process import (
+from pytest_metaloom.server import ports
+from pytest_metaloom.server.process import (
     ExternalServer,
     ServerCommandNotFound,
     ServerError,

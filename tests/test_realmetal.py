@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from pytest_metaloom import realmetal
-from pytest_metaloom.live import LiveServer
+from pytest_metaloom.matrix import realmetal
+from pytest_metaloom.server.live import LiveServer
 
 STAND_IN_SYSCTL = """#!/bin/sh
 # stand-in for macOS sysctl: state in $STATE, every call logged to $STATE.log
@@ -66,7 +66,7 @@ def test_lowers_and_restores(fake_macos):
 
 def test_restores_when_the_process_is_interrupted(fake_macos):
     code = (
-        "import time\nfrom pytest_metaloom import realmetal\n"
+        "import time\nfrom pytest_metaloom.matrix import realmetal\n"
         "realmetal.WiredLimit(4096).apply()\nprint('lowered', flush=True)\ntime.sleep(60)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -201,7 +201,7 @@ def test_external_server_is_refused_with_the_reason():
 PRETEND_MAC_CONFTEST = """
 # Stand-in for a Mac: real Metal mode believes Metal is here. The run itself is real
 # (mlx_lm.server on the CPU backend, the stand-in sysctl on PATH).
-from pytest_metaloom import realmetal
+from pytest_metaloom.matrix import realmetal
 
 _saved = {{}}
 

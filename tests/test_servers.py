@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 from support import STANDINS, fake_server_cmd
 
-from pytest_metaloom import workload
 from pytest_metaloom.inject import BOOTSTRAP_DIR
-from pytest_metaloom.injector import PACKAGE_ROOT, RuntimeNotStarted
-from pytest_metaloom.live import LiveServer
-from pytest_metaloom.matrix import ScenarioRunner, build_matrix
+from pytest_metaloom.inject.injector import PACKAGE_ROOT, RuntimeNotStarted
+from pytest_metaloom.judge import workload
+from pytest_metaloom.matrix.runner import ScenarioRunner
+from pytest_metaloom.matrix.scenarios import build_matrix
+from pytest_metaloom.server.live import LiveServer
 
 GENERATION_SERVER = STANDINS / "generation_server.py"
 
@@ -127,14 +128,12 @@ def test_nothing_changes_without_the_harness(model_dir, tmp_path):
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, timeout=120
     )
-    assert out.stdout.decode().split() == ["None", "False", "False"], (
-        out.stderr.decode()
-    )
+    assert out.stdout.decode().split() == ["None", "False", "False"], out.stderr.decode()
     assert not list(tmp_path.iterdir())
 
 
 def _bootstrap_env(run_dir: Path, **extra: str) -> dict[str, str]:
-    from pytest_metaloom.injector import bootstrap_env
+    from pytest_metaloom.inject.injector import bootstrap_env
 
     env = {**os.environ, **bootstrap_env(run_dir), **extra}
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(run_dir)])

@@ -7,7 +7,7 @@ remove the ``xfail`` once your server handles the fault.
 
 import pytest
 
-from pytest_metaloom import oracle, workload
+from pytest_metaloom.judge import oracle, workload
 
 # A request that carries a seed is served on the sequential path (_serve_single).
 SEED = 7

@@ -1,6 +1,6 @@
 """The first downstream test: a live mlx_lm.server answers, and its prompt cache works."""
 
-from pytest_metaloom import workload
+from pytest_metaloom.judge import workload
 
 
 def test_server_answers(mlx_server):

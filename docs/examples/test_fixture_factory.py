@@ -2,8 +2,8 @@
 
 import time
 
-from pytest_metaloom import workload
 from pytest_metaloom.fixtures import mlx_server_fixture
+from pytest_metaloom.judge import workload
 
 # A module-scoped server that serves every request on the sequential path (--kv-bits).
 quantized_server = mlx_server_fixture(scope="module", server_args=["--kv-bits", "8"])

@@ -8,7 +8,7 @@ runs as is): it loads the model with ``mlx_lm.load``, generates with
 
 import sys
 
-from pytest_metaloom import oracle, workload
+from pytest_metaloom.judge import oracle, workload
 from pytest_metaloom.fixtures import mlx_server_fixture
 
 own_server = mlx_server_fixture(

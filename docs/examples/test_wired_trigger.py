@@ -4,7 +4,7 @@ The trigger is memory, not a request id: the command-buffer OOM fires on the fir
 evaluation after which MLX's active + cache memory exceeds the model plus 1 MiB.
 """
 
-from pytest_metaloom import workload
+from pytest_metaloom.judge import workload
 
 
 def test_tool_loop_crosses_lowered_wired_limit(mlx_server):

@@ -1,8 +1,9 @@
 """Why did the worker die? Turn an exit status plus a stderr tail into a named cause.
 
-The guard reports causes with the shared crash-log classifier (``pytest_metaloom.classify``) so the
-CLI, the harness and the guard agree on names. If that module cannot be imported or fails, a small
-local fallback recognises the MLX texts the guard cares about, so the guard never loses a cause.
+The guard reports causes with the shared crash-log classifier
+(``pytest_metaloom.tools.classify``) so the CLI, the harness and the guard agree on names.
+If that module cannot be imported or fails, a small local fallback recognises the MLX texts
+the guard cares about, so the guard never loses a cause.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..process import signal_name
+from pytest_metaloom.server.process import signal_name
 
 # Ordered: the first pattern that matches a line names the kind. Texts follow mlx-oom-facts.md §1.
 _FALLBACK_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -80,7 +81,7 @@ def _fallback_kind(text: str) -> tuple[str, str]:
 def _shared_kind(text: str) -> tuple[str, str] | None:
     """(kind, decisive line) from the shared classifier; None if it is missing or failed."""
     try:
-        from pytest_metaloom.classify import classify_text
+        from pytest_metaloom.tools.classify import classify_text
     except ImportError:
         return None
     try:

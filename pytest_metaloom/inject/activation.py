@@ -75,7 +75,7 @@ def watch(env: Mapping[str, str] | None = None) -> None:
         argv=sys.argv[:4] if hasattr(sys, "argv") else [],
         ppid=os.getppid(),
     )
-    from .runtime import _PostImportFinder
+    from pytest_metaloom.inject.runtime import _PostImportFinder
 
     hooks: dict[str, Callable[[Any], None]] = {
         "mlx_lm.server": lambda m: activate("import mlx_lm.server"),
@@ -109,7 +109,7 @@ def activate(reason: str) -> Any:
             _STATE["declined"] = True
             note("activation_declined", env, reason=reason, owner=owner)
             return None
-        from . import runtime as rt_module
+        from pytest_metaloom.inject import runtime as rt_module
 
         rt = rt_module.install(env)
         _STATE["runtime"] = rt

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .. import faults as F
+from pytest_metaloom.inject import faults as F
 
 REQUEST_HEADER = "X-Metaloom-Request-Id"
 ABORT_THREAD_NAME = "com.Metal.CompletionQueueDispatch"
@@ -683,7 +683,7 @@ def _patch_server(rt: Runtime, server: Any) -> None:
 
 def check_env(env: Mapping[str, str] | None = None) -> None:
     """Validate ``METALOOM_FAULTS`` and ``METALOOM_LIMITS`` without importing mlx."""
-    from ..faults import parse_size, parse_spec
+    from pytest_metaloom.inject.faults import parse_size, parse_spec
 
     env = os.environ if env is None else env
     if env.get("METALOOM_FAULTS"):

@@ -545,7 +545,7 @@ def build_tiny_model(
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = ModelSpec()
     parser = argparse.ArgumentParser(
-        prog="python -m pytest_metaloom.model",
+        prog="python -m pytest_metaloom.server.model",
         description="Build (or find in the cache) the offline tiny llama model and describe it.",
     )
     parser.add_argument(

@@ -14,117 +14,12 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import workload
-from .faults import FAULT_KINDS, PATHS, SITES
-from .oracle import Facts, Outcome, classify, request_facts
-
-STREAM_MODES = ("nostream", "stream")
-PROBE_PROMPT = "metaloom cache probe: the quick brown fox jumps over the lazy dog again"
-
-
-@dataclass(frozen=True)
-class Scenario:
-    fault: str
-    semantics: str
-    path: str
-    stream: bool
-    site: str
-    workload: str = "single"
-    bystanders: int = 1
-
-    @property
-    def id(self) -> str:
-        mode = "stream" if self.stream else "nostream"
-        base = f"{self.fault}-{self.semantics}-{self.path}-{mode}-{self.site}"
-        return base if self.workload == "single" else f"{base}-{self.workload}"
-
-    @property
-    def kind(self) -> Any:
-        return FAULT_KINDS[self.fault]
-
-    def spec(self, request_id: str, *, wired: str | None = None) -> str:
-        """The fault spec that arms this scenario for one request."""
-        args = "" if self.semantics == "sync" else f"({self.semantics})"
-        filters = [f"path={self.path}"]
-        if self.workload == "tool_loop":
-            filters.append(f"wired={wired or 'active+1MiB'}")
-        else:
-            filters += [f"site={self.site}", f"request={request_id}"]
-            if self.stream and self.site == "decode":
-                filters.append("after_tokens=2")  # let the stream start first
-        return f"1*{self.fault}{args}@{','.join(filters)}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "id": self.id}
-
-
-def _semantics_for(fault: str, allowed: Sequence[str] | None) -> list[str]:
-    options = list(FAULT_KINDS[fault].allowed_semantics)
-    return [s for s in options if not allowed or s in allowed]
-
-
-def build_matrix(
-    *,
-    faults: Sequence[str] = (),
-    semantics: Sequence[str] = (),
-    paths: Sequence[str] = (),
-    sites: Sequence[str] = (),
-    stream: Sequence[str] = (),
-    full: bool = False,
-) -> list[Scenario]:
-    """The default covering matrix, or the full cross product, narrowed by filters.
-
-    The default covers every kind, both semantics, both paths, both stream modes and
-    every site at least once, rotating stream mode and site instead of multiplying them.
-    """
-    _check_names("fault kind", faults, FAULT_KINDS)
-    _check_names("semantics", semantics, ("abort", "deferred", "sync"))
-    _check_names("path", paths, PATHS)
-    _check_names("site", sites, SITES)
-    _check_names("stream mode", stream, STREAM_MODES)
-    kinds = [k for k in FAULT_KINDS if not faults or k in faults]
-    use_paths = [p for p in PATHS if not paths or p in paths]
-    use_sites = [s for s in SITES if not sites or s in sites]
-    use_stream = [m == "stream" for m in STREAM_MODES if not stream or m in stream]
-    scenarios: list[Scenario] = []
-    rotation = itertools.count()
-    for fault in kinds:
-        for sem in _semantics_for(fault, semantics):
-            for path in use_paths:
-                if full:
-                    for is_stream, site in itertools.product(use_stream, use_sites):
-                        scenarios.append(Scenario(fault, sem, path, is_stream, site))
-                    continue
-                n = next(rotation)
-                site = "decode" if fault == "hang" else use_sites[n % len(use_sites)]
-                is_stream = use_stream[(n // len(use_sites)) % len(use_stream)]
-                if fault == "hang" and path != use_paths[0]:
-                    continue  # one hang scenario is enough: each costs a deadline
-                scenarios.append(Scenario(fault, sem, path, is_stream, site))
-    if (not faults or "resource_limit" in faults) and "batched" in use_paths:
-        if not semantics or "sync" in semantics:
-            scenarios.append(
-                Scenario("resource_limit", "sync", "batched", False, "decode", "cycles")
-            )
-    if (not faults or "cmdbuf_oom" in faults) and "batched" in use_paths:
-        for sem in _semantics_for("cmdbuf_oom", semantics):
-            scenarios.append(
-                Scenario("cmdbuf_oom", sem, "batched", False, "decode", "tool_loop", 0)
-            )
-    return scenarios
-
-
-def _check_names(what: str, given: Sequence[str], valid: Any) -> None:
-    import difflib
-
-    for name in given:
-        if name not in valid:
-            close = difflib.get_close_matches(name, list(valid), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown {what} {name!r}{hint} (valid: {', '.join(valid)})")
+from pytest_metaloom.judge import workload
+from pytest_metaloom.judge.oracle import Facts, Outcome, classify, request_facts
+from pytest_metaloom.matrix.scenarios import PROBE_PROMPT, Scenario
 
 
 @dataclass
@@ -238,7 +133,7 @@ class ScenarioRunner:
     def _guard_restarts(self) -> int | None:
         if not getattr(self.server, "guard", False):
             return None
-        from .process import http_request
+        from pytest_metaloom.server.process import http_request
 
         try:
             import json

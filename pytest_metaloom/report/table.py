@@ -7,11 +7,7 @@ JUnit XML as properties without extra work.
 
 from __future__ import annotations
 
-import json
-import platform
 from collections.abc import Iterable
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 MARK = {
@@ -21,13 +17,6 @@ MARK = {
     "not fired": "FAIL",
     "unclaimed but graceful": "ok",
 }
-
-
-def _version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _cell(record: dict[str, Any]) -> str:
@@ -85,38 +74,3 @@ def format_table(records: Iterable[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def build_report(records: list[dict[str, Any]], *, seed: int, patch_sets: list[str]) -> dict:
-    from .plugin import backend_name
-
-    return {
-        "plugin": _version("pytest-metaloom"),
-        "mlx": _version("mlx"),
-        "mlx_lm": _version("mlx-lm"),
-        "platform": {
-            "system": platform.system(),
-            "machine": platform.machine(),
-            "python": platform.python_version(),
-        },
-        "backend": backend_name(),
-        "mode": "simulated",
-        "seed": seed,
-        "patch_sets": patch_sets,
-        "scenarios": sorted(records, key=lambda r: (r["patch_set"], r["id"])),
-    }
-
-
-def write_report(path: str | Path, report: dict[str, Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return path
-
-
-def records_from_user_properties(properties: Iterable[tuple[str, Any]]) -> list[dict[str, Any]]:
-    from .items import PROPERTY
-
-    out = []
-    for name, value in properties:
-        if name == PROPERTY:
-            out.append(json.loads(value) if isinstance(value, str) else value)
-    return out

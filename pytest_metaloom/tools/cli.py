@@ -22,9 +22,9 @@ class Command(NamedTuple):
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("budget", "pytest_metaloom.budget_cmd", "will model + prompt cache + KV fit?"),
-    Command("classify", "pytest_metaloom.classify_cmd", "name the failure in a crash log"),
-    Command("patchset", "pytest_metaloom.patchset_cmd", "check a patch set: validate and apply"),
+    Command("budget", "pytest_metaloom.tools.budget_cmd", "will model + prompt cache + KV fit?"),
+    Command("classify", "pytest_metaloom.tools.classify_cmd", "name the failure in a crash log"),
+    Command("patchset", "pytest_metaloom.tools.patchset_cmd", "validate and apply a patch set"),
 )
 
 EXIT_USAGE = 2

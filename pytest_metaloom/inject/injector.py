@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest_metaloom
-
-from .faults import FaultSpecError, parse_spec
-from .inject import BOOTSTRAP_DIR
+from pytest_metaloom.inject import BOOTSTRAP_DIR
+from pytest_metaloom.inject.faults import FaultSpecError, parse_spec
 
 __all__ = ["REQUEST_HEADER", "Injector", "InjectorError", "RuntimeNotStarted", "bootstrap_env"]
 
@@ -80,7 +79,7 @@ def bootstrap_env(
 
 
 def _check_limits(text: str) -> None:
-    from .faults import parse_size
+    from pytest_metaloom.inject.faults import parse_size
 
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, eq, value = part.partition("=")

@@ -273,7 +273,7 @@ def chat(
 
 def health(base_url: str, *, timeout: float = 5.0) -> int | None:
     """Status of ``/health``, or None when nothing answers."""
-    from .process import http_request
+    from pytest_metaloom.server.process import http_request
 
     try:
         status, _ = http_request(base_url + "/health", timeout=timeout)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .patchset import patchset_check_main
+from pytest_metaloom.patchset.check import patchset_check_main
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

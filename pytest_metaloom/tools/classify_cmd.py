@@ -1,4 +1,4 @@
-"""``metaloom classify LOG``: the command-line face of :mod:`pytest_metaloom.classify`.
+"""``metaloom classify LOG``: the command-line face of :mod:`pytest_metaloom.tools.classify`.
 
 Exit codes: 0 no failure found, 1 an OOM or other crash found, 2 unreadable input or usage error.
 """
@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .classify import Classification, classify_file
+from pytest_metaloom.tools.classify import Classification, classify_file
 
 EXIT_CLEAN = 0
 EXIT_FOUND = 1

@@ -1,4 +1,4 @@
-"""``metaloom budget``: the command-line face of :mod:`pytest_metaloom.budget`.
+"""``metaloom budget``: the command-line face of :mod:`pytest_metaloom.tools.budget`.
 
 Exit codes: 0 the workload fits under the wired ceiling, 1 it crosses, 2 bad input.
 """
@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .budget import (
+from pytest_metaloom.tools.budget import (
     DEFAULT_CONTEXT,
     DEFAULT_KV_GROUP_SIZE,
     DEFAULT_PROMPT_CACHE_SIZE,

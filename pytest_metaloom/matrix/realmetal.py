@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .oracle import Outcome
+from pytest_metaloom.judge.oracle import Outcome
 
 SYSCTL_KEY = "iogpu.wired_limit_mb"
 
@@ -148,7 +148,7 @@ class RealMetalPlan:
     document_words: int = 120
 
     def __post_init__(self) -> None:
-        from .faults import FaultSpecError, parse_size
+        from pytest_metaloom.inject.faults import FaultSpecError, parse_size
 
         for key in ("wired", "memory"):
             text = getattr(self, key)
@@ -213,7 +213,7 @@ class RealResult:
 
 def _drive(server: Any, plan: RealMetalPlan) -> tuple[Any, list[int | None]]:
     """The seed report's tool loop until the server fails or ``max_turns`` pass."""
-    from . import workload
+    from pytest_metaloom.judge import workload
 
     messages = workload.tool_loop_start()
     statuses: list[int | None] = []
@@ -254,11 +254,11 @@ def run_real_scenario(server: Any, plan: RealMetalPlan | None = None) -> RealRes
     ``limits`` op arms no fault). On a backend that never fails (the CPU one) the
     honest result is ``not_fired``: "no real failure within N turns".
     """
-    from . import workload
-    from .classify import classify_text
-    from .faults import FAULT_KINDS, default_semantics
-    from .matrix import survival_facts
-    from .oracle import NOT_FIRED, Facts, classify, request_facts
+    from pytest_metaloom.inject.faults import FAULT_KINDS, default_semantics
+    from pytest_metaloom.judge import workload
+    from pytest_metaloom.judge.oracle import NOT_FIRED, Facts, classify, request_facts
+    from pytest_metaloom.matrix.runner import survival_facts
+    from pytest_metaloom.tools.classify import classify_text
 
     plan = plan or RealMetalPlan()
     if getattr(server, "injector", None) is None:

@@ -6,7 +6,7 @@ thread, a crashed interpreter). The reaper closes that gap without polling: it r
 When the harness is gone, for whatever reason, the pipe reads EOF and the reaper
 kills every process tree still registered.
 
-Run as ``python -m pytest_metaloom.reaper``; use it through :func:`register`.
+Run as ``python -m pytest_metaloom.server.reaper``; use it through :func:`register`.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _ensure_started() -> subprocess.Popen[bytes] | None:
         return _reaper
     try:
         _reaper = subprocess.Popen(
-            [sys.executable, "-m", "pytest_metaloom.reaper"],
+            [sys.executable, "-m", "pytest_metaloom.server.reaper"],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

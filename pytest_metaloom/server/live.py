@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .process import (
+from pytest_metaloom.server.process import (
     DEFAULT_READY_TIMEOUT,
     DEFAULT_START_TIMEOUT,
     DEFAULT_STOP_TIMEOUT,
@@ -46,7 +46,7 @@ class LiveServer:
         warmup: bool = True,
         request_fields: Mapping[str, Any] | None = None,
     ) -> None:
-        from .injector import Injector, bootstrap_env
+        from pytest_metaloom.inject.injector import Injector, bootstrap_env
 
         # fields every request body carries (a profile's request shape, e.g. the model name)
         self.request_fields = dict(request_fields or {})
@@ -90,7 +90,7 @@ class LiveServer:
     def _behind_guard(
         self, command: Sequence[str] | None, server_args: Sequence[str]
     ) -> tuple[list[str], list[str]]:
-        from .guard import guard_command
+        from pytest_metaloom.guard import guard_command
 
         if command is None:
             if self.model is None:
@@ -134,7 +134,7 @@ class LiveServer:
         return self
 
     def _warm_up_with_fields(self) -> None:
-        from . import workload
+        from pytest_metaloom.judge import workload
 
         workload.BODY_DEFAULTS[self.url] = self.request_fields
         if not self.warmup:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
-from .faults import FAULT_KINDS
+from pytest_metaloom.inject.faults import FAULT_KINDS
 
 FAULT_KIND_NAMES: tuple[str, ...] = tuple(FAULT_KINDS)
 """The injector's fault kinds, the names the classifier reports."""

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
 
-from . import ports, reaper
+from pytest_metaloom.server import ports, reaper
 
 DEFAULT_START_TIMEOUT = 60.0
 DEFAULT_READY_TIMEOUT = 120.0

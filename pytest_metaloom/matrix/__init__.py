@@ -1,0 +1,1 @@
+"""The scenario matrix: scenarios as data and the runner that turns one into facts."""

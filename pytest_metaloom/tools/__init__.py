@@ -1,0 +1,1 @@
+"""The `metaloom` command line tools: budget, classify, patchset check."""
