@@ -82,6 +82,7 @@ def watch(env: Mapping[str, str] | None = None) -> None:
         "mlx_lm.utils": _patch_loaders,
         "mlx_lm.generate": _patch_generation,
         "mlx_lm.models.cache": _patch_prompt_cache,
+        "mlx_lm.tokenizer_utils": _patch_tokenizer,
     }
     for name in filter(None, (n.strip() for n in env.get(ACTIVATE_ON_VAR, "").split(","))):
         hooks[name] = lambda m, _n=name: activate(f"import {_n}")
@@ -160,6 +161,19 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def _patch_loaders(module: Any) -> None:
     """A model loaded through mlx-lm means this process evaluates with MLX."""
+    real_tokenizer = getattr(module, "load_tokenizer", None)
+    if real_tokenizer is not None and not getattr(real_tokenizer, "_metaloom", False):
+
+        def load_tokenizer(*args: Any, **kwargs: Any) -> Any:
+            # servers that call load_model + load_tokenizer themselves (rapid-mlx) never go
+            # through load(): the tokenizer that names requests is caught here instead
+            tokenizer = real_tokenizer(*args, **kwargs)
+            _STATE["tokenizer"] = tokenizer
+            return tokenizer
+
+        load_tokenizer._metaloom = True  # type: ignore[attr-defined]
+        load_tokenizer.__doc__ = real_tokenizer.__doc__
+        module.load_tokenizer = load_tokenizer
     for name in _LOADERS:
         real = getattr(module, name, None)
         if real is None or getattr(real, "_metaloom", False):
@@ -223,7 +237,9 @@ def _sequential(rt: Any, inner: Iterable[Any], prompt: Any) -> Any:
 
 def _patch_batch_generator(cls: Any) -> None:
     real_init = cls.__init__
-    real_insert = getattr(cls, "insert", None)
+    # insert() goes through insert_segments() where it exists; servers call either
+    insert_name = "insert_segments" if hasattr(cls, "insert_segments") else "insert"
+    real_insert = getattr(cls, insert_name, None)
     real_remove = getattr(cls, "remove", None)
     step_name = "_next" if hasattr(cls, "_next") else "next"
     real_step = getattr(cls, step_name)
@@ -237,7 +253,18 @@ def _patch_batch_generator(cls: Any) -> None:
         rt = _generic()
         if rt is not None:
             with contextlib.suppress(TypeError):
-                ids = _request_start(rt, [_tokens(p) for p in prompts])
+                # a server that prefilled the prompt itself inserts only its last token,
+                # with the whole prompt in all_tokens (the third argument after the prompts)
+                full = kwargs.get("all_tokens", args[2] if len(args) > 2 else None)
+                if not full or len(full) != len(prompts):
+                    full = [None] * len(prompts)
+                ids = _request_start(
+                    rt,
+                    [
+                        _tokens([*(f or []), *(_tokens(p) or [])])
+                        for f, p in zip(full, prompts, strict=False)
+                    ],
+                )
                 table = self.__dict__.setdefault("_metaloom_uids", {})
                 table.update(zip(list(uids), ids, strict=False))
         return uids
@@ -269,7 +296,7 @@ def _patch_batch_generator(cls: Any) -> None:
 
     cls.__init__ = __init__
     if real_insert is not None:
-        cls.insert = insert
+        setattr(cls, insert_name, insert)
     if real_remove is not None:
         cls.remove = remove
     setattr(cls, step_name, step)
@@ -355,16 +382,60 @@ def _request_start(rt: Any, prompts: list[list[int] | None]) -> list[str]:
     return ids
 
 
+def _patch_tokenizer(module: Any) -> None:
+    """Note an armed request id seen in text the server tokenizes (see :func:`_claim_pending`)."""
+    cls = getattr(module, "TokenizerWrapper", None)
+    for name in ("apply_chat_template", "encode"):
+        real = getattr(cls, name, None)
+        if real is None:
+            continue
+
+        def wrapper(self: Any, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            result = _real(self, *args, **kwargs)
+            rt = _generic()
+            if rt is not None and rt.points:
+                wanted = [p.request for p in list(rt.points) if getattr(p, "request", None)]
+                if wanted:
+                    text = repr((args, kwargs.get("messages"), kwargs.get("conversation")))
+                    pending = _STATE.setdefault("pending", [])
+                    for rid in wanted:
+                        if rid in text and rid not in pending:
+                            pending.append(rid)
+            return result
+
+        wrapper.__name__ = name
+        wrapper.__doc__ = real.__doc__
+        setattr(cls, name, wrapper)
+
+
+def _claim_pending(wanted: list[str]) -> str | None:
+    """The oldest armed id whose text was tokenized but not yet generated.
+
+    Some servers prefill the prompt themselves and hand mlx-lm only its last token, so
+    the prompt cannot name the request there; the tokenization that came before can.
+    """
+    pending = _STATE.get("pending") or []
+    while pending:
+        rid = pending.pop(0)
+        if rid in wanted:
+            return rid
+    return None
+
+
 def _find_request(wanted: list[str], tokens: list[int] | None) -> str | None:
     tokenizer = _STATE.get("tokenizer")
-    if not wanted or tokens is None or tokenizer is None:
+    if not wanted:
         return None
+    if tokens is None or tokenizer is None:
+        return _claim_pending(wanted)
     try:
         text = tokenizer.decode(tokens)
     except Exception:
-        return None
+        return _claim_pending(wanted)
     for rid in wanted:
         # the cached prefix may have eaten the start of the id: its tail is unique enough
         if rid in text or (len(rid) >= 8 and rid[-8:] in text):
+            with contextlib.suppress(ValueError):
+                _STATE.get("pending", []).remove(rid)
             return rid
-    return None
+    return _claim_pending(wanted)
