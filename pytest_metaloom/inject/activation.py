@@ -211,12 +211,12 @@ def _patch_generation(module: Any) -> None:
     real_step = getattr(module, "generate_step", None)
     if real_step is not None:
 
-        def generate_step(prompt: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
+        def generate_step(*args: Any, **kwargs: Any) -> Any:
             rt = _activate_from_generation("mlx_lm.generate.generate_step")
-            inner = real_step(prompt, model, *args, **kwargs)
+            inner = real_step(*args, **kwargs)  # the server's call, passed on untouched
             if rt is None:
                 return inner
-            return _sequential(rt, inner, prompt)
+            return _sequential(rt, inner, args[0] if args else kwargs.get("prompt"))
 
         generate_step.__doc__ = real_step.__doc__
         module.generate_step = generate_step
@@ -248,14 +248,15 @@ def _patch_batch_generator(cls: Any) -> None:
         _activate_from_generation("mlx_lm.generate.BatchGenerator")
         real_init(self, *args, **kwargs)
 
-    def insert(self: Any, prompts: Any, *args: Any, **kwargs: Any) -> Any:
-        uids = real_insert(self, prompts, *args, **kwargs)
+    def insert(self: Any, *args: Any, **kwargs: Any) -> Any:
+        uids = real_insert(self, *args, **kwargs)  # the server's call, passed on untouched
         rt = _generic()
         if rt is not None:
-            with contextlib.suppress(TypeError):
-                # a server that prefilled the prompt itself inserts only its last token,
-                # with the whole prompt in all_tokens (the third argument after the prompts)
-                full = kwargs.get("all_tokens", args[2] if len(args) > 2 else None)
+            try:
+                prompts = args[0] if args else kwargs.get("prompts", kwargs.get("segments"))
+                # a server that prefilled the prompt itself may insert only its last token,
+                # with the whole prompt in all_tokens (fourth parameter)
+                full = kwargs.get("all_tokens", args[3] if len(args) > 3 else None)
                 if not full or len(full) != len(prompts):
                     full = [None] * len(prompts)
                 ids = _request_start(
@@ -267,19 +268,22 @@ def _patch_batch_generator(cls: Any) -> None:
                 )
                 table = self.__dict__.setdefault("_metaloom_uids", {})
                 table.update(zip(list(uids), ids, strict=False))
+            except Exception as exc:  # identity is best effort: never break the server
+                rt.emit("error", error=f"request identity at insert: {exc!r}")
         return uids
 
-    def remove(self: Any, uids: Any, *args: Any, **kwargs: Any) -> Any:
+    def remove(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return real_remove(self, uids, *args, **kwargs)
+            return real_remove(self, *args, **kwargs)
         finally:
             rt = _generic()
             table = self.__dict__.get("_metaloom_uids", {})
             if rt is not None:
-                for uid in list(uids):
-                    rid = table.pop(uid, None)
-                    if rid is not None:
-                        rt.request_end(rid)
+                with contextlib.suppress(TypeError):
+                    for uid in list(args[0] if args else kwargs.get("uids", ())):
+                        rid = table.pop(uid, None)
+                        if rid is not None:
+                            rt.request_end(rid)
 
     def step(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = real_step(self, *args, **kwargs)
