@@ -56,7 +56,7 @@ def _main() -> None:
         return
     try:
         from pytest_metaloom.inject import activation, runtime
-    except ImportError as exc:
+    except Exception as exc:  # a broken install must not leave a server running without us
         sys.stderr.write(
             f"metaloom: cannot import pytest_metaloom.inject ({exc}); put the directory "
             "that contains the pytest_metaloom package on PYTHONPATH after the bootstrap dir\n"
