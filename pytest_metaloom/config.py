@@ -12,35 +12,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_metaloom.options import OPTIONS, resolve
+from pytest_metaloom.options import OPTIONS, default, resolve
 
 
 @dataclass(frozen=True)
 class Settings:
-    metal_oom: bool = False
-    metaloom_model: str | None = None
-    metaloom_url: str | None = None
-    metaloom_server: str | None = None
-    metaloom_server_cmd: str | None = None
-    metaloom_server_args: str | None = None
-    metaloom_start_timeout: float = 60.0
-    metaloom_ready_timeout: float = 120.0
-    metaloom_stop_timeout: float = 10.0
-    metaloom_log_lines: int = 40
+    metal_oom: bool = default("metal_oom")
+    metaloom_model: str | None = default("metaloom_model")
+    metaloom_url: str | None = default("metaloom_url")
+    metaloom_server: str | None = default("metaloom_server")
+    metaloom_server_cmd: str | None = default("metaloom_server_cmd")
+    metaloom_server_args: str | None = default("metaloom_server_args")
+    metaloom_start_timeout: float = default("metaloom_start_timeout")
+    metaloom_ready_timeout: float = default("metaloom_ready_timeout")
+    metaloom_stop_timeout: float = default("metaloom_stop_timeout")
+    metaloom_log_lines: int = default("metaloom_log_lines")
     metaloom_faults: list[str] = field(default_factory=list)
     metaloom_semantics: list[str] = field(default_factory=list)
     metaloom_paths: list[str] = field(default_factory=list)
     metaloom_sites: list[str] = field(default_factory=list)
     metaloom_stream: list[str] = field(default_factory=list)
-    metaloom_full_matrix: bool = False
-    metaloom_seed: int = 0
-    metaloom_deadline: float = 20.0
-    metaloom_report: str | None = None
+    metaloom_full_matrix: bool = default("metaloom_full_matrix")
+    metaloom_seed: int = default("metaloom_seed")
+    metaloom_deadline: float = default("metaloom_deadline")
+    metaloom_report: str | None = default("metaloom_report")
     metaloom_patch_set: list[str] = field(default_factory=list)
-    metaloom_allow_version_mismatch: bool = False
-    metaloom_guard: bool = False
-    metaloom_real_metal: bool = False
-    metaloom_sysctl: bool = False
+    metaloom_allow_version_mismatch: bool = default("metaloom_allow_version_mismatch")
+    metaloom_guard: bool = default("metaloom_guard")
+    metaloom_real_metal: bool = default("metaloom_real_metal")
+    metaloom_sysctl: bool = default("metaloom_sysctl")
 
     @classmethod
     def resolve(

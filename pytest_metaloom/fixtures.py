@@ -1,12 +1,16 @@
-"""Fixtures and fixture factories (the pytest face of ``live.LiveServer``).
+"""Fixtures, fixture factories and the per-session state (the pytest face of ``LiveServer``).
 
-Imports of mlx and the server machinery happen inside the fixtures, so merely loading
-the plugin stays cheap.
+Everything a session holds (its settings, the servers it started, the matrix pool, the
+SIGTERM handler it installed) lives on one :class:`SessionState` in ``config.stash``:
+an in-process pytester run has its own config and so its own state, and never stops
+the outer session's servers. Imports of mlx and the server machinery happen inside the
+fixtures, so merely loading the plugin stays cheap.
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -16,22 +20,95 @@ import pytest
 
 from pytest_metaloom.config import Settings
 
-_STARTED: weakref.WeakSet[Any] = weakref.WeakSet()
+METALOOM_FIXTURES = frozenset(
+    {"mlx_server", "mlx_server_session", "mlx_server_factory", "metaloom_injector"}
+)
+"""Fixtures that start a server: a test using one is a live test (bounded by a timeout)."""
 
 
-def stop_all_servers() -> None:
-    """Stop every server the fixtures started and that is still running."""
-    for server in list(_STARTED):
-        with contextlib.suppress(Exception):
-            server.stop()
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"received {signal.Signals(signum).name}")
+
+
+class SessionState:
+    """What one pytest session (one ``Config``) of metaloom holds."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self._config = config
+        self._settings: Settings | None = None
+        self.servers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.pool: Any = None
+        self.records: list[dict[str, Any]] = []
+        self.sysctl_cleanup = False
+        self._sigterm_installed = False
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            try:
+                self._settings = Settings.resolve(self._config.getoption, self._config.getini)
+            except ValueError as exc:
+                raise pytest.UsageError(f"metaloom: {exc}") from exc
+        return self._settings
+
+    def track(self, server: Any) -> Any:
+        """Register a server this session started; from then on SIGTERM runs finalizers."""
+        self.arm_sigterm()
+        self.servers.add(server)
+        return server
+
+    def owns(self, value: Any) -> bool:
+        try:
+            return value in self.servers
+        except TypeError:  # unhashable fixture values
+            return False
+
+    def arm_sigterm(self) -> None:
+        """pytest does not run finalizers on SIGTERM; turning it into an interrupt does.
+
+        Installed only once the plugin is used (``--metal-oom`` or a server started), only
+        from the main thread and only over the default action.
+        """
+        if self._sigterm_installed:
+            return
+        with contextlib.suppress(ValueError):  # not the main thread (embedded pytest)
+            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, _raise_interrupt)
+                self._sigterm_installed = True
+
+    def stop_servers(self) -> None:
+        """Stop every server this session started and that is still running."""
+        for server in list(self.servers):
+            with contextlib.suppress(Exception):
+                server.stop()
+
+    def close(self) -> None:
+        """End of the session: the pool, the servers, the signal handler."""
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            with contextlib.suppress(Exception):
+                pool.close()
+        self.stop_servers()
+        if self._sigterm_installed:
+            with contextlib.suppress(ValueError):
+                if signal.getsignal(signal.SIGTERM) is _raise_interrupt:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            self._sigterm_installed = False
+
+
+STATE = pytest.StashKey[SessionState]()
+
+
+def state_of(config: pytest.Config) -> SessionState:
+    """This session's metaloom state (created on first use)."""
+    state = config.stash.get(STATE, None)
+    if state is None:
+        state = config.stash[STATE] = SessionState(config)
+    return state
 
 
 def settings_of(config: pytest.Config) -> Settings:
-    settings = getattr(config, "_metaloom_settings", None)
-    if settings is None:
-        settings = Settings.resolve(config.getoption, config.getini)
-        config._metaloom_settings = settings  # type: ignore[attr-defined]
-    return settings
+    return state_of(config).settings
 
 
 def _run_dir(factory: pytest.TempPathFactory, name: str) -> Path:
@@ -72,7 +149,8 @@ def start_server(
     from pytest_metaloom.server.live import LiveServer
     from pytest_metaloom.server.profiles import load_profile
 
-    settings = settings_of(request.config)
+    state = state_of(request.config)
+    settings = state.settings
     factory = request.getfixturevalue("tmp_path_factory")
     profile = load_profile(server) if server is not None else settings.profile
     if command is None:
@@ -95,7 +173,7 @@ def start_server(
         warmup=warmup,
         request_fields=profile.request_fields(resolve_model(request, model)),
     )
-    _STARTED.add(live)
+    state.track(live)
     live.start()
     return live
 
@@ -184,15 +262,9 @@ def mlx_server(mlx_server_session: Any) -> Iterator[Any]:
 
 
 def _healthy(server: Any) -> bool:
-    from pytest_metaloom.server.process import http_request
+    from pytest_metaloom.server.http import get_status
 
-    if not server.is_alive():
-        return False
-    try:
-        status, _ = http_request(server.url + "/health", timeout=5.0)
-    except OSError:
-        return False
-    return status == 200
+    return server.is_alive() and get_status(server.url + "/health", timeout=5.0) == 200
 
 
 @pytest.fixture

@@ -1,149 +1,38 @@
 """The pytest face of the OOM matrix: one test item per (patch set, scenario).
 
-Collected only with ``--metal-oom``, from any directory (no test files needed).
-Scenarios of one patch set share one server (started lazily, restarted by the runner
-whenever a scenario left it dead, wedged or dirty).
+Collected only with ``--metal-oom``, from any directory (no test files needed). The
+servers, runners and patch-set overlays belong to ``matrix/pool.py``; an item asks the
+pool for its target's runner, runs its scenario and turns the result into a pass, a
+failure or an expected gap. Each item is bounded by pytest-timeout, with a timeout
+derived from the scenario's deadline (``matrix.pool.item_timeout``).
 """
 
 from __future__ import annotations
 
 import json
 import shlex
-import shutil
-import tempfile
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pytest_metaloom.config import Settings
+from pytest_metaloom.fixtures import SessionState, state_of
+from pytest_metaloom.matrix.pool import MatrixSetupError
 from pytest_metaloom.report.document import PROPERTY
 
-HANG_DEADLINE = 4.0  # seconds a `hang` scenario waits for any answer
-IMPLICIT = "installed"
+if TYPE_CHECKING:
+    from pytest_metaloom.matrix.pool import MatrixPool, PatchTarget
 
 
-@dataclass
-class PatchTarget:
-    """What one column of the comparison runs against."""
-
-    label: str
-    spec: str | None  # None: the installed mlx-lm, held to every claim
-    patch_set: Any = None
-    overlay: Path | None = None
-    runner: Any = None
-    error: str | None = None
-    error_told: bool = False  # a server-start error is shown in full once, then referred to
-
-    @property
-    def server(self) -> Any:
-        """The live server of this target (the runner swaps in a spare after a crash)."""
-        return self.runner.server if self.runner is not None else None
-
-    def claims(self, scenario: Any) -> bool:
-        if self.patch_set is None:
-            return True
-        return self.patch_set.claims_scenario(
-            scenario.fault, scenario.semantics, scenario.path, scenario.stream
-        )
+def _pool(item: pytest.Item) -> MatrixPool:
+    pool = state_of(item.config).pool
+    if pool is None:
+        raise RuntimeError("the metaloom matrix pool is gone: the session already ended")
+    return pool
 
 
-@dataclass
-class MatrixPool:
-    settings: Settings
-    base_dir: Path
-    model: Path | None
-    targets: dict[str, PatchTarget] = field(default_factory=dict)
-
-    def runner(self, target: PatchTarget) -> Any:
-        if target.error:
-            if target.error_told:
-                first = target.error.split(":")[0]
-                raise MatrixSetupError(
-                    f"not run: {first} (the cause and the fix are given "
-                    f"once, on the first scenario of {target.label})"
-                )
-            target.error_told = target.error.startswith(RUNTIME_ERROR)
-            raise MatrixSetupError(target.error)
-        if target.runner is None:
-            from pytest_metaloom.matrix.runner import ScenarioRunner
-            from pytest_metaloom.patchset.manifest import PatchSetError
-            from pytest_metaloom.patchset.overlay import build_overlay
-
-            if target.patch_set is not None and target.overlay is None:
-                try:
-                    target.overlay = build_overlay(
-                        target.patch_set,
-                        self.base_dir / "overlays",
-                        allow_version_mismatch=self.settings.metaloom_allow_version_mismatch,
-                    )
-                except PatchSetError as exc:
-                    target.error = str(exc)  # every scenario of this set reports it once
-                    raise MatrixSetupError(target.error) from None
-            server = self._new_server(target)
-            server.start()
-            external = bool(self.settings.metaloom_url)
-            if not external:
-                from pytest_metaloom.inject.injector import RuntimeNotStarted
-
-                try:
-                    server.require_runtime()
-                except RuntimeNotStarted as exc:
-                    server.stop()
-                    target.error = f"{RUNTIME_ERROR}: {exc}"
-                    target.error_told = True
-                    raise MatrixSetupError(target.error) from None
-            target.runner = ScenarioRunner(
-                server,
-                hang_deadline=HANG_DEADLINE,
-                deadline=self.settings.metaloom_deadline,
-                seed=self.settings.metaloom_seed,
-                make_spare=None if external else (lambda: self._new_server(target)),
-            )
-        return target.runner
-
-    def _new_server(self, target: PatchTarget) -> Any:
-        from pytest_metaloom.fixtures import _STARTED
-        from pytest_metaloom.server.live import LiveServer
-
-        run_dir = Path(tempfile.mkdtemp(prefix=f"{target.label}-", dir=self.base_dir))
-        profile = self.settings.profile
-        server = LiveServer(
-            run_dir=run_dir,
-            model=self.model,
-            command=self.settings.server_command,
-            server_args=self.settings.server_args,
-            env=profile.server_env(),
-            request_fields=profile.request_fields(self.model),
-            overlay=target.overlay,
-            guard=self.settings.metaloom_guard,
-            # the matrix kills the worker on purpose, many times a minute: lift the
-            # production restart cap, and let the watchdog turn a hang into a restart
-            # well within the scenario's hang deadline
-            guard_options={"max_restarts": 10_000, "hang_timeout": HANG_DEADLINE / 4},
-            url=self.settings.metaloom_url,
-            name=f"server-{target.label}",
-            start_timeout=max(self.settings.metaloom_start_timeout, profile.start_timeout or 0),
-            ready_timeout=max(self.settings.metaloom_ready_timeout, profile.start_timeout or 0),
-            stop_timeout=self.settings.metaloom_stop_timeout,
-        )
-        _STARTED.add(server)
-        return server
-
-    def close(self) -> None:
-        for target in self.targets.values():
-            if target.runner is not None:
-                target.runner.close()
-                target.runner.server.stop()
-        shutil.rmtree(self.base_dir, ignore_errors=True)
-
-
-class MatrixSetupError(Exception):
-    """A patch set or server could not be prepared; every scenario of it errors."""
-
-
-RUNTIME_ERROR = "the server cannot run the metaloom runtime"
+def _settings(item: pytest.Item) -> Settings:
+    return state_of(item.config).settings
 
 
 class ScenarioFailure(Exception):
@@ -154,26 +43,38 @@ class ScenarioFailure(Exception):
 
 
 class MatrixCollector(pytest.Collector):
+    """The session's ``metaloom`` node: its children are the matrix items.
+
+    Collected through pytest's own machinery (``session.genitems``), so the terminal
+    counts the items and collect reports reach every plugin as for any test file.
+    """
+
+    def __init__(self, *, build: Any = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._build = build
+
     def collect(self) -> list[pytest.Item]:
-        return []
+        return self._build(self) if self._build is not None else []
 
     def reportinfo(self) -> tuple[str, int | None, str]:
         return ("metaloom", None, "metaloom OOM matrix")
 
 
 class ScenarioItem(pytest.Item):
-    def __init__(self, *, scenario: Any, target: PatchTarget, **kwargs: Any) -> None:
+    def __init__(
+        self, *, scenario: Any, target: PatchTarget, timeout: float, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.scenario = scenario
         self.target = target
         self.add_marker("metal_oom")
+        self.add_marker(pytest.mark.timeout(timeout))
 
     def reportinfo(self) -> tuple[str, int | None, str]:
         return ("metaloom", None, self.name)
 
     def setup(self) -> None:
-        settings: Settings = self.config._metaloom_settings  # type: ignore[attr-defined]
-        if settings.metaloom_real_metal:
+        if _settings(self).metaloom_real_metal:
             from pytest_metaloom.matrix.realmetal import metal_unavailable_reason
 
             reason = metal_unavailable_reason()
@@ -181,9 +82,8 @@ class ScenarioItem(pytest.Item):
                 pytest.skip(reason)
 
     def runtest(self) -> None:
-        pool: MatrixPool = self.config._metaloom_pool  # type: ignore[attr-defined]
         try:
-            runner = pool.runner(self.target)
+            runner = _pool(self).runner(self.target)
         except MatrixSetupError as exc:
             # the report is still written: this scenario's record says why it did not run
             self.user_properties.append((PROPERTY, json.dumps(not_run_record(self, str(exc)))))
@@ -240,7 +140,7 @@ def _context(result: Any) -> str:
 
 
 def reproduce_command(item: ScenarioItem) -> str:
-    settings: Settings = item.config._metaloom_settings  # type: ignore[attr-defined]
+    settings = _settings(item)
     argv = ["pytest", "--metal-oom", "-k", item.scenario.id, "--metaloom-full-matrix"]
     if item.target.spec is not None:
         argv += ["--metaloom-patch-set", item.target.spec]
@@ -289,7 +189,7 @@ def build_record(item: ScenarioItem, result: Any, claimed: bool) -> dict[str, An
 
 def server_fields(item: Any) -> dict[str, Any]:
     """Which server profile ran, and the evidence it cannot give (each with the reason)."""
-    profile = item.config._metaloom_settings.profile
+    profile = _settings(item).profile
     return {"server": profile.name, "unproven_evidence": profile.unproven()}
 
 
@@ -319,38 +219,20 @@ def not_run_record(item: ScenarioItem, reason: str) -> dict[str, Any]:
     }
 
 
-def make_targets(settings: Settings) -> dict[str, PatchTarget]:
-    """One target per --metaloom-patch-set (or the installed mlx-lm when none is given)."""
-    specs = settings.metaloom_patch_set
-    if not specs:
-        return {IMPLICIT: PatchTarget(IMPLICIT, None)}
-    from pytest_metaloom.patchset.manifest import PatchSetError, load_patch_set
-
-    targets: dict[str, PatchTarget] = {}
-    for spec in specs:
-        try:
-            patch_set = load_patch_set(spec)
-            label = patch_set.name
-        except PatchSetError as exc:
-            label = Path(spec).stem or spec
-            targets[label] = PatchTarget(label, spec, error=str(exc))
-            continue
-        while label in targets:
-            label += "'"
-        targets[label] = PatchTarget(label, spec, patch_set=patch_set)
-    return targets
-
-
-def collect_matrix(session: pytest.Session, settings: Settings) -> list[pytest.Item]:
+def collect_matrix(session: pytest.Session, state: SessionState) -> list[pytest.Item]:
+    """The matrix's items; nothing is built or started here (the pool does that on first use)."""
+    from pytest_metaloom.matrix.pool import MatrixPool, item_timeout, make_targets
     from pytest_metaloom.matrix.scenarios import build_matrix
     from pytest_metaloom.server.profiles import ProfileError
 
+    settings = state.settings
     try:
         profile = settings.profile
         scenarios = build_matrix(
             faults=settings.metaloom_faults,
             semantics=settings.metaloom_semantics,
-            # a server serves only some paths: a scenario on another could never fire
+            # a server serves only some paths, and sites where its code runs: a scenario
+            # elsewhere could never fire
             paths=settings.metaloom_paths or list(profile.paths),
             sites=settings.metaloom_sites or list(profile.sites),
             stream=settings.metaloom_stream,
@@ -359,24 +241,26 @@ def collect_matrix(session: pytest.Session, settings: Settings) -> list[pytest.I
     except (ValueError, ProfileError) as exc:
         raise pytest.UsageError(f"metaloom: {exc}") from exc
     targets = make_targets(settings)
-    base_dir = Path(tempfile.mkdtemp(prefix="metaloom-matrix-"))
-    model = settings.model_path
-    if model is None and not settings.metaloom_url:
-        from pytest_metaloom.server.model import ModelSpec, build_tiny_model
+    state.pool = MatrixPool(settings, targets, on_server=state.track)
+    timeout = item_timeout(settings)
 
-        model = build_tiny_model(ModelSpec())
-    session.config._metaloom_pool = MatrixPool(settings, base_dir, model, targets)  # type: ignore[attr-defined]
-    collector = MatrixCollector.from_parent(session, name="metaloom")
-    if settings.metaloom_real_metal:
-        return collect_real_metal(collector, targets)
-    items: list[pytest.Item] = []
-    for target in targets.values():
-        for scenario in scenarios:
-            name = f"{scenario.id}[{target.label}]"
-            items.append(
-                ScenarioItem.from_parent(collector, name=name, scenario=scenario, target=target)
+    def build(collector: MatrixCollector) -> list[pytest.Item]:
+        if settings.metaloom_real_metal:
+            return collect_real_metal(collector, targets, timeout)
+        return [
+            ScenarioItem.from_parent(
+                collector,
+                name=f"{scenario.id}[{target.label}]",
+                scenario=scenario,
+                target=target,
+                timeout=timeout,
             )
-    return items
+            for target in targets.values()
+            for scenario in scenarios
+        ]
+
+    collector = MatrixCollector.from_parent(session, name="metaloom", build=build)
+    return list(session.genitems(collector))
 
 
 # ---------------------------------------------------------------------- real Metal mode
@@ -387,10 +271,11 @@ REAL_METAL_ID = "real-metal-tool_loop"
 
 
 class RealMetalItem(pytest.Item):
-    def __init__(self, *, target: PatchTarget, **kwargs: Any) -> None:
+    def __init__(self, *, target: PatchTarget, timeout: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.target = target
         self.add_marker("metal_oom")
+        self.add_marker(pytest.mark.timeout(timeout))
 
     def reportinfo(self) -> tuple[str, int | None, str]:
         return ("metaloom", None, self.name)
@@ -401,17 +286,17 @@ class RealMetalItem(pytest.Item):
         reason = realmetal.metal_unavailable_reason()
         if reason:
             pytest.skip(reason)
-        config = self.config
-        if not getattr(config, "_metaloom_sysctl_cleanup", False):
+        state = state_of(self.config)
+        if not state.sysctl_cleanup:
             # session teardown (also reached on Ctrl-C and on SIGTERM, which the plugin
             # turns into KeyboardInterrupt) puts back any ceiling still lowered
-            config.add_cleanup(realmetal.restore_all)
-            config._metaloom_sysctl_cleanup = True  # type: ignore[attr-defined]
+            self.config.add_cleanup(realmetal.restore_all)
+            state.sysctl_cleanup = True
 
     def runtest(self) -> None:
         from pytest_metaloom.matrix import realmetal
 
-        pool: MatrixPool = self.config._metaloom_pool  # type: ignore[attr-defined]
+        pool = _pool(self)
         pool.runner(self.target)
         plan = realmetal.plan_for(pool.settings, pool.model)
         result = realmetal.run_real_scenario(self.target.server, plan)
@@ -454,7 +339,7 @@ class RealMetalItem(pytest.Item):
 
 def build_real_record(item: RealMetalItem, result: Any, claimed: bool) -> dict[str, Any]:
     """The report record of a real run, in the same shape as a simulated scenario's."""
-    settings: Settings = item.config._metaloom_settings  # type: ignore[attr-defined]
+    settings = _settings(item)
     outcome = result.outcome.outcome
     if outcome == "not_fired":
         verdict = "not fired"
@@ -496,9 +381,11 @@ def build_real_record(item: RealMetalItem, result: Any, claimed: bool) -> dict[s
 
 
 def collect_real_metal(
-    collector: MatrixCollector, targets: dict[str, PatchTarget]
+    collector: MatrixCollector, targets: dict[str, PatchTarget], timeout: float
 ) -> list[pytest.Item]:
     return [
-        RealMetalItem.from_parent(collector, name=f"{REAL_METAL_ID}[{t.label}]", target=t)
+        RealMetalItem.from_parent(
+            collector, name=f"{REAL_METAL_ID}[{t.label}]", target=t, timeout=timeout
+        )
         for t in targets.values()
     ]

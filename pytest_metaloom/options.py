@@ -181,6 +181,12 @@ OPTIONS: tuple[Option, ...] = (
 BY_DEST = {option.dest: option for option in OPTIONS}
 
 
+def default(dest: str) -> Any:
+    """The default of option ``dest``: this table is the one home of every option default
+    (``Settings`` and the server timeouts read it from here)."""
+    return BY_DEST[dest].default
+
+
 def convert(option: Option, value: Any) -> Any:
     """Turn a raw string (ini or environment) into the option's type."""
     if value is None or value == "" or value == []:

@@ -27,3 +27,29 @@ def backend_name() -> str:
     if any(dist_version(name) for name in CUDA_DISTRIBUTIONS):
         return "cuda"
     return "cpu"
+
+
+TESTED_MLX_LM = ">=0.31.3,<=0.32.2"
+"""The mlx-lm releases the suite's assertions were measured on: 0.31.3 (``tox -e mlx031``)
+and 0.32.2 (the pinned test environment, ``constraints/test.txt``). Outside it, verdicts
+may rest on server behaviour nobody checked."""
+
+
+def mlx_lm_window_warning(installed: str | None = None) -> str | None:
+    """A warning when the installed mlx-lm is outside :data:`TESTED_MLX_LM`, else None."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    installed = installed if installed is not None else dist_version("mlx-lm")
+    if not installed:
+        return f"mlx-lm is not installed; the tested window is {TESTED_MLX_LM}"
+    try:
+        inside = Version(installed) in SpecifierSet(TESTED_MLX_LM)
+    except InvalidVersion:
+        inside = False
+    if inside:
+        return None
+    return (
+        f"mlx-lm {installed} is outside the tested window ({TESTED_MLX_LM}); verdicts may "
+        "differ from the documented ones (the tested environment: constraints/test.txt)"
+    )

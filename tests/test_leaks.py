@@ -34,9 +34,13 @@ def record(server):
         handle.write("".join(f"{{p.pid}}\\n" for p in procs))
         handle.flush()
 
-@pytest.mark.timeout(4, method="thread")
-def test_case(mlx_server_factory):
-    server = mlx_server_factory(command=COMMAND) if COMMAND else mlx_server_factory()
+@pytest.fixture
+def server(mlx_server_factory):
+    return mlx_server_factory(command=COMMAND) if COMMAND else mlx_server_factory()
+
+# func_only: the timeout runs from the test body on, however long the server took to start
+@pytest.mark.timeout(4, method="thread", func_only=True)
+def test_case(server):
     record(server)
     with open(PID_FILE + ".ready", "w") as handle:
         handle.write("ok")
@@ -52,7 +56,7 @@ def _write_case(pytester, action: str, command: list[str] | None = None) -> Path
     pid_file = pytester.path / "pids"
     source = INNER.format(pid_file=str(pid_file), command=command, action=action)
     if action != "timeout":
-        source = source.replace('@pytest.mark.timeout(4, method="thread")\n', "")
+        source = source.replace('@pytest.mark.timeout(4, method="thread", func_only=True)\n', "")
     pytester.makepyfile(test_case=source)
     return pid_file
 
@@ -127,7 +131,9 @@ def test_no_leak_when_pytest_timeout_kills_the_session(pytester, model_dir):
     done = subprocess.run(
         _pytest_argv(pytester, model_dir), cwd=pytester.path, capture_output=True, timeout=120
     )
-    assert b"Timeout" in done.stdout + done.stderr
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    assert "Timeout" in output, output[-3000:]
+    assert pid_file.exists(), f"the inner test never started its server:\n{output[-3000:]}"
     assert _survivors(pid_file) == []
 
 
@@ -158,3 +164,36 @@ def test_no_leak_with_stubborn_or_parent_servers(pytester, model_dir, flags):
     if flags == ["--spawn-child"]:
         assert len(pids) == 2
     assert _survivors(pid_file, within=1.0) == []
+
+
+SOCKET_CASE = """
+import os
+
+def test_case(mlx_server_factory):
+    server = mlx_server_factory()
+    control = server.injector.control_path
+    assert os.path.exists(control), "the server never bound its control socket"
+    with open({out!r}, "w") as handle:
+        handle.write(control)
+"""
+
+
+def test_no_socket_dir_is_left_in_tmp_when_the_run_dir_path_is_long(pytester, model_dir):
+    """A run dir too deep for a Unix socket path puts the socket in /tmp/mlm-*: removed at stop."""
+    out = pytester.path / "control-path"
+    pytester.makepyfile(test_case=SOCKET_CASE.format(out=str(out)))
+    deep = pytester.path / ("d" * 60) / ("e" * 40)
+    deep.parent.mkdir()
+    done = subprocess.run(
+        [
+            *_pytest_argv(pytester, model_dir)[:-1],
+            f"--basetemp={deep}",
+        ],
+        cwd=pytester.path,
+        capture_output=True,
+        timeout=150,
+    )
+    assert done.returncode == 0, done.stdout.decode()[-2000:]
+    control = Path(out.read_text())
+    assert control.parent.parent == Path("/tmp") and control.parent.name.startswith("mlm-")
+    assert not control.parent.exists(), f"{control.parent} was left behind"

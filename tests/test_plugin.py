@@ -41,8 +41,183 @@ def test_without_metal_oom_nothing_is_collected(pytester):
 
 
 def test_report_header_names_versions_backend_and_model(pytester):
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--metal-oom", "--collect-only", "--metaloom-faults=hang"
+    )
     result.stdout.fnmatch_lines(["metaloom: *, mlx 0.*, mlx-lm 0.*, backend cpu*model: built-in*"])
+    # the pinned environment's mlx-lm is inside the tested window: no warning
+    result.stdout.no_fnmatch_line("*outside the tested window*")
+
+
+def test_header_warns_when_mlx_lm_is_outside_the_tested_window():
+    from pytest_metaloom.versions import TESTED_MLX_LM, mlx_lm_window_warning
+
+    assert mlx_lm_window_warning("0.32.2") is None
+    assert mlx_lm_window_warning("0.31.3") is None
+    for version in ("0.33.0", "0.30.9", "1.0.0", "not-a-version"):
+        warning = mlx_lm_window_warning(version)
+        assert warning and version in warning and TESTED_MLX_LM in warning
+    assert "not installed" in (mlx_lm_window_warning("") or "")
+
+
+def test_settings_defaults_come_from_the_option_table():
+    from pytest_metaloom.config import Settings
+    from pytest_metaloom.options import convert
+    from pytest_metaloom.server import process
+
+    settings = Settings()
+    assert list(Settings.__dataclass_fields__) == [option.dest for option in OPTIONS]
+    for option in OPTIONS:
+        assert getattr(settings, option.dest) == convert(option, None), option.dest
+    assert process.DEFAULT_START_TIMEOUT == settings.metaloom_start_timeout
+    assert process.DEFAULT_READY_TIMEOUT == settings.metaloom_ready_timeout
+    assert process.DEFAULT_STOP_TIMEOUT == settings.metaloom_stop_timeout
+
+
+PROJECT_TESTS = """
+import signal, sys
+
+def test_untouched():
+    # nothing of metaloom's is active in a project that does not use it
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert "mlx" not in sys.modules and "mlx_lm" not in sys.modules
+
+def test_fails():
+    assert 1 == 2
+"""
+
+
+def _outcome_lines(result) -> list[str]:
+    """The run's output without the lines that differ between any two runs."""
+    keep = []
+    for line in result.outlines:
+        if line.startswith(("plugins:", "rootdir:", "platform ")) or " in " in line:
+            continue
+        keep.append(line)
+    return keep
+
+
+def test_a_plain_run_of_an_unrelated_project_is_unchanged(pytester, monkeypatch):
+    tmp = pytester.path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setenv("METALOOM_CACHE_DIR", str(pytester.path / "models"))
+    pytester.makepyfile(test_project=PROJECT_TESTS)
+    args = ["-p", "no:cacheprovider", f"--basetemp={pytester.path / 'base'}"]
+    with_plugin = pytester.runpytest_subprocess(*args)
+    without = pytester.runpytest_subprocess(*args, "-p", "no:metaloom")
+    with_plugin.assert_outcomes(passed=1, failed=1)
+    without.assert_outcomes(passed=1, failed=1)
+    assert _outcome_lines(with_plugin) == _outcome_lines(without)
+    assert not any("metaloom" in line for line in _outcome_lines(with_plugin))
+    assert list(tmp.iterdir()) == []  # no temp dir, no port claims, no socket dirs
+    assert not (pytester.path / "models").exists()  # no model built
+
+
+def test_metal_oom_runs_the_matrix_only_unless_test_paths_are_named(pytester):
+    pytester.makeini("[pytest]\ntestpaths = tests\n")
+    tests = pytester.mkdir("tests")
+    (tests / "test_project.py").write_text("def test_project_own():\n    assert False\n")
+    args = ["-p", "no:cacheprovider", "--metal-oom", "--metaloom-faults=hang", "--collect-only"]
+    only = pytester.runpytest_subprocess(*args, "-q")
+    only.stdout.fnmatch_lines(["*hang-*[[]installed]", "1 test collected*"])
+    only.stdout.no_fnmatch_line("*test_project_own*")
+    only.stdout.no_fnmatch_line("*testpaths*")
+    named = pytester.runpytest_subprocess(*args, "-q", "tests")
+    named.stdout.fnmatch_lines(["*test_project_own*", "*hang-*[[]installed]", "2 tests collected*"])
+    plain = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--collect-only", "-q")
+    plain.stdout.fnmatch_lines(["*test_project_own*", "1 test collected*"])
+
+
+def test_collecting_the_matrix_builds_and_starts_nothing(pytester, monkeypatch):
+    tmp = pytester.path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setenv("METALOOM_CACHE_DIR", str(pytester.path / "models"))
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--metal-oom", "--collect-only"
+    )
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(["*collected*"])
+    assert not (pytester.path / "models").exists(), "the model was built at collection"
+    assert list(tmp.iterdir()) == [], "collection left temp files"
+
+
+def test_matrix_items_and_live_tests_are_bounded_by_pytest_timeout(pytester):
+    from pytest_metaloom.config import Settings
+    from pytest_metaloom.matrix.pool import item_timeout
+
+    pytester.makeconftest(
+        """
+        def pytest_collection_finish(session):
+            for item in session.items:
+                marker = item.get_closest_marker("timeout")
+                print("TIMEOUT", item.name, marker.args if marker else None)
+        """
+    )
+    pytester.makepyfile(
+        test_live="""
+        import pytest
+
+        def test_uses_a_server(mlx_server_factory):
+            pass
+
+        @pytest.mark.timeout(7)
+        def test_own_timeout(mlx_server_factory):
+            pass
+
+        def test_no_server():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p",
+        "no:cacheprovider",
+        "--collect-only",
+        "-s",
+        "--metal-oom",
+        "--metaloom-deadline=5",
+        "--metaloom-faults=hang",
+        "test_live.py",
+    )
+    bound = item_timeout(Settings(metaloom_deadline=5.0))
+    assert bound < item_timeout(Settings())  # derived from the deadline
+    result.stdout.fnmatch_lines(
+        [
+            f"TIMEOUT test_uses_a_server ({bound},)",
+            "TIMEOUT test_own_timeout (7,)",
+            "TIMEOUT test_no_server None",
+            f"TIMEOUT hang-*[[]installed] ({bound},)",
+        ]
+    )
+    # a timeout the user configured is respected for live tests
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--collect-only", "-s", "--timeout=33", "test_live.py"
+    )
+    result.stdout.fnmatch_lines(["TIMEOUT test_uses_a_server None"])
+
+
+def test_an_in_process_run_leaves_the_outer_sessions_servers_alone(pytester, mlx_server_factory):
+    from support import fake_server_cmd
+
+    outer = mlx_server_factory(command=fake_server_cmd(), warmup=False)
+    pytester.makepyfile(
+        test_inner="""
+        def test_inner(mlx_server_factory):
+            from support import fake_server_cmd
+            server = mlx_server_factory(command=fake_server_cmd(), warmup=False)
+            assert server.is_alive()
+        """
+    )
+    pytester.syspathinsert(str(__import__("pathlib").Path(__file__).parent))
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--metaloom-stop-timeout=2")
+    result.assert_outcomes(passed=1)
+    assert outer.is_alive(), "the inner session stopped the outer session's server"
+    import signal
+
+    from pytest_metaloom.fixtures import _raise_interrupt
+
+    assert signal.getsignal(signal.SIGTERM) is _raise_interrupt  # the outer handler stays
 
 
 def test_settings_resolve_cli_over_env_over_ini(pytester, monkeypatch):

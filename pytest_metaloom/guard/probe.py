@@ -1,8 +1,12 @@
-"""Tiny bounded HTTP calls from the guard to its worker (readiness, warm-up, watchdog)."""
+"""Tiny bounded HTTP calls from the guard to its worker (readiness, warm-up, watchdog).
+
+Plain status-only HTTP, so it goes through the one helper (``server/http.py``, requests).
+"""
 
 from __future__ import annotations
 
-import http.client
+from pytest_metaloom.server.http import HttpError
+from pytest_metaloom.server.http import request as http_request
 
 
 def request(
@@ -15,14 +19,11 @@ def request(
     host: str = "127.0.0.1",
 ) -> int | None:
     """Status code of one request to the worker, or None if it did not answer within ``timeout``."""
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    headers = {"Content-Type": "application/json"} if body is not None else None
     try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        conn.request(method, path, body=body, headers=headers)
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status
-    except (OSError, http.client.HTTPException):
+        status, _ = http_request(
+            f"http://{host}:{port}{path}", method, data=body, timeout=timeout, headers=headers
+        )
+    except HttpError:
         return None
-    finally:
-        conn.close()
+    return status

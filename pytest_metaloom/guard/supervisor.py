@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pytest_metaloom.server import ports
+
 from . import probe
 from .causes import Cause, classify_exit, forced_cause, signal_name
 from .config import GuardConfig
@@ -154,6 +156,8 @@ class Supervisor:
                 run.worker.terminate_tree(self.config.stop_timeout)
 
     def _spawn(self) -> WorkerRun | None:
+        if self._run is not None:  # the previous worker is gone: give its port back
+            ports.release_port(self._run.port)
         port = free_port()
         argv = worker_argv(self.config.worker_cmd, port)
         try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -47,10 +46,11 @@ while alive(worker):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel just handed out; short race window, acceptable for a private loopback."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A worker port from the one allocator (``server/ports.py``): outside the ephemeral
+    range and claimed across processes until ``ports.release_port`` (or this process ends)."""
+    from pytest_metaloom.server import ports
+
+    return ports.claim_free_port(host)
 
 
 def _die_with_parent(parent_pid: int) -> None:

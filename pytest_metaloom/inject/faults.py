@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pytest_metaloom import units
+
 __all__ = [
     "FAULT_KINDS",
     "FILTER_KEYS",
@@ -224,89 +226,24 @@ class FaultSpecError(ValueError):
 
 # --------------------------------------------------------------------------- sizes
 
-_UNITS: dict[str, int] = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_BASES = ("active", "peak", "limit")
-_NUM = r"\d+(?:\.\d+)?"
-_SIZE_NUM = re.compile(rf"^\s*({_NUM})\s*([A-Za-z]*)\s*$")
-_SIZE_MUL = re.compile(rf"^\s*({_NUM})\s*\*\s*([A-Za-z_]+)\s*$")
-_SIZE_BASE = re.compile(rf"^\s*([A-Za-z_]+)\s*(?:([+-])\s*({_NUM})\s*([A-Za-z]*))?\s*$")
-_SIZE_HELP = "expected NUMBER[unit], NUMBER*BASE or BASE[+|-NUMBER[unit]] (e.g. 48MiB, 0.9*limit)"
-
-
-def _unit(unit: str, text: str) -> int:
-    if not unit:
-        return 1
-    try:
-        return _UNITS[unit.lower()]
-    except KeyError:
-        names = ["B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB"]
-        hint = _suggest(unit, names)
-        raise FaultSpecError(
-            f"unknown size unit {unit!r}; expected one of {', '.join(names)}{hint}",
-            text,
-            text.find(unit),
-            len(unit),
-        ) from None
-
-
-def _base(name: str, text: str, baselines: Mapping[str, int] | None) -> int:
-    if name not in _BASES:
-        raise FaultSpecError(
-            f"unknown size base {name!r}; expected one of {', '.join(_BASES)}"
-            f"{_suggest(name, _BASES)}",
-            text,
-            text.find(name),
-            len(name),
-        )
-    if baselines is None:
-        return 0
-    if name not in baselines:
-        raise FaultSpecError(
-            f"size base {name!r} is not known here (have: {', '.join(baselines) or 'none'}); "
-            "resolve sizes inside the server or pass the baseline",
-            text,
-            text.find(name),
-            len(name),
-        )
-    return int(baselines[name])
-
-
-def _eval_size(text: str, baselines: Mapping[str, int] | None) -> int:
-    if m := _SIZE_NUM.match(text):
-        return int(float(m.group(1)) * _unit(m.group(2), text))
-    if m := _SIZE_MUL.match(text):
-        return int(float(m.group(1)) * _base(m.group(2), text, baselines))
-    if m := _SIZE_BASE.match(text):
-        base = _base(m.group(1), text, baselines)
-        if not m.group(2):
-            return base
-        delta = int(float(m.group(3)) * _unit(m.group(4), text))
-        return base + delta if m.group(2) == "+" else base - delta
-    raise FaultSpecError(f"malformed size {text.strip()!r}; {_SIZE_HELP}", text, 0, len(text))
+# Sizes have one home, ``pytest_metaloom/units.py`` (the same grammar for fault specs,
+# METALOOM_LIMITS, the real-Metal plan and ``metaloom budget``); these wrappers only turn
+# its errors into FaultSpecError, which points at the spot in the spec.
 
 
 def parse_size(text: str, baselines: Mapping[str, int]) -> int:
     """Resolve a SIZE expression to bytes against ``baselines`` (active, peak, limit)."""
-    value = _eval_size(text, baselines)
-    if value < 0:
-        raise FaultSpecError(
-            f"size {text.strip()!r} resolves to {value} bytes (< 0); pick a larger base or "
-            "a smaller offset",
-            text,
-            0,
-            len(text),
-        )
-    return value
+    try:
+        return units.parse_size(text, baselines)
+    except units.SizeError as exc:
+        raise FaultSpecError(exc.problem, exc.text, exc.pos, exc.length) from None
+
+
+def _check_size(text: str) -> None:
+    try:
+        units.check_size(text)
+    except units.SizeError as exc:
+        raise FaultSpecError(exc.problem, exc.text, exc.pos, exc.length) from None
 
 
 # --------------------------------------------------------------------------- spec model
@@ -596,7 +533,7 @@ class _Parser:
                 raise self.fail(f"filter {key!r} counts from 1", vpos, len(value))
         elif key in _SIZE_FILTERS:
             try:
-                _eval_size(value, None)
+                _check_size(value)
             except FaultSpecError as exc:
                 raise self.fail(f"filter {key!r}: {exc.problem}", vpos, len(value)) from None
         return key, value

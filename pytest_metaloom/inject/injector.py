@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -37,12 +38,36 @@ class RuntimeNotStarted(InjectorError):
     """No process of the server switched the runtime on: no fault can fire in it."""
 
 
+_SHORT_DIR_PREFIX = "mlm-"
+
+
 def _socket_path(run_dir: Path) -> Path:
+    """The control socket's path: in the run dir, or (when that path is too long for a Unix
+    socket) in a short ``/tmp/mlm-*`` dir that :func:`remove_socket_dir` deletes."""
     path = run_dir / "metaloom.sock"
     if len(os.fsencode(str(path))) <= _SOCKET_PATH_MAX:
         return path
-    short = Path(tempfile.mkdtemp(prefix="mlm-", dir="/tmp"))
+    short = Path(tempfile.mkdtemp(prefix=_SHORT_DIR_PREFIX, dir="/tmp"))
     return short / "ctl.sock"
+
+
+def _short_socket_dir(control_path: str | Path) -> Path | None:
+    parent = Path(control_path).parent
+    if parent.parent == Path("/tmp") and parent.name.startswith(_SHORT_DIR_PREFIX):
+        return parent
+    return None
+
+
+def ensure_socket_dir(control_path: str | Path) -> None:
+    """Re-create a short socket dir removed by an earlier stop (a server started again)."""
+    Path(control_path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def remove_socket_dir(control_path: str | Path) -> None:
+    """Delete the short ``/tmp/mlm-*`` dir of a stopped server; run dirs are left alone."""
+    short = _short_socket_dir(control_path)
+    if short is not None:
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def bootstrap_env(
@@ -79,18 +104,13 @@ def bootstrap_env(
 
 
 def _check_limits(text: str) -> None:
-    from pytest_metaloom.inject.faults import parse_size
+    """``wired=SIZE,memory=SIZE`` in the one grammar (``units.parse_limits``)."""
+    from pytest_metaloom import units
 
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, eq, value = part.partition("=")
-        if not eq or key.strip() not in ("wired", "memory"):
-            raise FaultSpecError(
-                f"invalid limits: part {part!r} is not wired=SIZE or memory=SIZE",
-                text,
-                text.find(part),
-                len(part),
-            )
-        parse_size(value.strip(), {"active": 0, "peak": 0, "limit": 0})
+    try:
+        units.parse_limits(text)
+    except units.SizeError as exc:
+        raise FaultSpecError(exc.problem, exc.text, exc.pos, exc.length) from None
 
 
 class Injector:

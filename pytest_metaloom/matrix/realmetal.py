@@ -148,15 +148,15 @@ class RealMetalPlan:
     document_words: int = 120
 
     def __post_init__(self) -> None:
-        from pytest_metaloom.inject.faults import FaultSpecError, parse_size
+        from pytest_metaloom.units import SizeError, check_size
 
         for key in ("wired", "memory"):
             text = getattr(self, key)
             if text is None:
                 continue
             try:
-                parse_size(str(text), {"active": 0, "peak": 0, "limit": 0})
-            except FaultSpecError as exc:
+                check_size(str(text))
+            except SizeError as exc:
                 raise ValueError(
                     f"RealMetalPlan.{key}={text!r} is not a size: {exc.problem} "
                     "(e.g. 'active+2GiB', '0.8*limit', '24GiB')"

@@ -128,6 +128,10 @@ class LiveServer:
         return self.process.log_tail(lines)
 
     def start(self) -> LiveServer:
+        if self.injector is not None:
+            from pytest_metaloom.inject.injector import ensure_socket_dir
+
+            ensure_socket_dir(self.injector.control_path)
         self.process.start()
         if self.request_fields and isinstance(self.process, ServerProcess):
             self._warm_up_with_fields()
@@ -154,7 +158,14 @@ class LiveServer:
             raise
 
     def stop(self) -> int | None:
-        return self.process.stop()
+        """Stop the server; a short control-socket dir outside the run dir goes with it."""
+        try:
+            return self.process.stop()
+        finally:
+            if self.injector is not None:
+                from pytest_metaloom.inject.injector import remove_socket_dir
+
+                remove_socket_dir(self.injector.control_path)
 
     def restart(self) -> LiveServer:
         self.process.restart()

@@ -24,13 +24,16 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from pytest_metaloom import units
+
 #: Bump when the files written by :func:`build_tiny_model` change, so old caches are not reused.
 FORMAT_VERSION = 1
 
 #: The file whose presence marks a finished build; written last inside the temporary directory.
 MARKER_FILE = "metaloom-model.json"
 
-DTYPE_BYTES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
+#: The config dtypes a tiny model may use, and their widths (from ``units.py``).
+DTYPE_BYTES: dict[str, int] = {name: units.DTYPE_BYTES[name] for name in units.FLOAT_DTYPES}
 
 # Special tokens. The tool-call pair matches mlx-lm's ``json_tools`` parser, so the server
 # reports ``has_tool_calling`` and accepts ``tools`` in chat requests.
@@ -241,14 +244,11 @@ def _config_dtype(config: Mapping[str, Any]) -> str:
 
 
 def kv_bytes_per_token_from_config(
-    config: Mapping[str, Any], kv_bits: int | None = None, kv_group_size: int = 64
+    config: Mapping[str, Any],
+    kv_bits: int | None = None,
+    kv_group_size: int = units.DEFAULT_KV_GROUP_SIZE,
 ) -> int:
-    """KV-cache bytes one token adds, as mlx-lm's caches store it.
-
-    Unquantized: 2 (K and V) * layers * kv_heads * head_dim * bytes(dtype). With ``kv_bits``
-    (``QuantizedKVCache``) each head row is packed into ``head_dim * bits / 8`` bytes plus one
-    scale and one bias in the activation dtype per ``kv_group_size`` values.
-    """
+    """KV-cache bytes one token adds, as mlx-lm's caches store it (the formula: ``units.py``)."""
     cfg = _text_config(config)
     try:
         layers = int(cfg["num_hidden_layers"])
@@ -261,19 +261,17 @@ def kv_bytes_per_token_from_config(
         ) from None
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     head_dim = int(cfg.get("head_dim") or hidden // heads)
-    dtype_bytes = DTYPE_BYTES[_config_dtype(config)]
-    if kv_bits is None:
-        row = head_dim * dtype_bytes
-    else:
-        if kv_bits not in (2, 3, 4, 5, 6, 8):
-            raise ModelError(f"kv_bits {kv_bits} is not supported by mlx; use 2-6 or 8")
-        if head_dim % kv_group_size:
-            raise ModelError(
-                f"head_dim {head_dim} is not a multiple of kv_group_size {kv_group_size}; "
-                "mlx cannot quantize this cache"
-            )
-        row = head_dim * kv_bits // 8 + 2 * (head_dim // kv_group_size) * dtype_bytes
-    return 2 * layers * kv_heads * row
+    try:
+        return units.kv_bytes_per_token(
+            layers=layers,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            dtype_bytes=DTYPE_BYTES[_config_dtype(config)],
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+        )
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def kv_bytes_per_token(spec_or_config: ModelSpec | Mapping[str, Any] | str | os.PathLike) -> int:

@@ -8,14 +8,16 @@ Design points, each learned from process fixtures that leaked or lied:
   *ready* (a one-token completion succeeds; ``mlx_lm.server`` loads the model lazily);
 - if the child exits while we wait, we fail at once with its exit code and log tail;
 - stop sends SIGTERM to the whole group and tree, waits a bounded time, then SIGKILL;
-- every started tree is registered with the reaper, so it dies even if we are killed.
+- every started tree is registered with the reaper, so it dies even if we are killed;
+- ports come from ``server/ports.py`` (outside the ephemeral range, claimed across
+  processes); a server that still loses its port to another process (EADDRINUSE at its
+  bind) is started again on another one;
+- plain HTTP (probes, warm-up) goes through ``server/http.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import http.client
-import json
 import os
 import shutil
 import signal
@@ -25,13 +27,30 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
-from urllib.parse import urlsplit
 
+from pytest_metaloom.options import default
 from pytest_metaloom.server import ports, reaper
+from pytest_metaloom.server.http import request as http_request
 
-DEFAULT_START_TIMEOUT = 60.0
-DEFAULT_READY_TIMEOUT = 120.0
-DEFAULT_STOP_TIMEOUT = 10.0
+__all__ = [
+    "ExternalServer",
+    "ServerCommandNotFound",
+    "ServerError",
+    "ServerNotReachable",
+    "ServerProcess",
+    "ServerStartError",
+    "describe_exit",
+    "http_request",
+    "read_tail",
+    "signal_name",
+    "warmup_completion",
+]
+
+DEFAULT_START_TIMEOUT: float = default("metaloom_start_timeout")
+DEFAULT_READY_TIMEOUT: float = default("metaloom_ready_timeout")
+DEFAULT_STOP_TIMEOUT: float = default("metaloom_stop_timeout")
+PORT_ATTEMPTS = 3
+"""Starts tried on fresh ports when another process took the claimed port first."""
 _POLL = 0.05
 
 
@@ -46,10 +65,18 @@ class ServerCommandNotFound(ServerError):
 class ServerStartError(ServerError):
     """The server exited (or never became ready) during start-up."""
 
-    def __init__(self, message: str, *, returncode: int | None = None, log_tail: str = ""):
+    def __init__(
+        self,
+        message: str,
+        *,
+        returncode: int | None = None,
+        log_tail: str = "",
+        port_in_use: bool = False,
+    ):
         super().__init__(message)
         self.returncode = returncode
         self.log_tail = log_tail
+        self.port_in_use = port_in_use
 
 
 class ServerNotReachable(ServerError):
@@ -71,28 +98,6 @@ def describe_exit(returncode: int | None) -> str:
         return "still running"
     name = signal_name(returncode)
     return f"killed by {name} (returncode {returncode})" if name else f"exit code {returncode}"
-
-
-def http_request(
-    url: str,
-    method: str = "GET",
-    body: Mapping | None = None,
-    *,
-    timeout: float = 5.0,
-) -> tuple[int, bytes]:
-    """One bounded HTTP exchange; returns (status, body). Raises OSError on no answer."""
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    try:
-        payload = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
-        conn.request(method, parts.path or "/", body=payload, headers=headers)
-        response = conn.getresponse()
-        return response.status, response.read()
-    except http.client.HTTPException as exc:
-        raise OSError(f"bad HTTP answer from {url}: {exc!r}") from exc
-    finally:
-        conn.close()
 
 
 def warmup_completion(base_url: str, *, timeout: float) -> None:
@@ -218,6 +223,20 @@ class ServerProcess:
         if self.is_alive():
             return self
         self._check_inputs()
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                return self._start_once()
+            except ServerStartError as exc:
+                # the port was free when claimed, but something outside the claims
+                # (not a metaloom process) bound it first: take another, a bounded number
+                # of times; an explicitly requested port is never swapped
+                if not exc.port_in_use or self.requested_port is not None:
+                    raise
+                if attempt == PORT_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> ServerProcess:
         if self.port is None:
             if self.requested_port is not None:
                 self.port = ports.claim_port(self.requested_port, self.host)
@@ -319,13 +338,15 @@ class ServerProcess:
         code = self.returncode
         tail = self.log_tail(30)
         hint = ""
-        if "Address already in use" in tail:
+        port_in_use = "Address already in use" in tail
+        if port_in_use:
             hint = f" (port {self.port} is taken by another process; choose another port)"
         return ServerStartError(
             f"{self.name} exited during {phase}: {describe_exit(code)}{hint}\n"
             f"command: {' '.join(self.argv())}\n--- log tail ({self.log_path}) ---\n{tail}",
             returncode=code,
             log_tail=tail,
+            port_in_use=port_in_use,
         )
 
     def _wait_until(self, phase: str, timeout: float, probe) -> None:

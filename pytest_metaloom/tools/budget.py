@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import struct
 import subprocess
@@ -21,9 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-GB = 10**9
-GIB = 2**30
-MIB = 2**20
+from pytest_metaloom import units
+from pytest_metaloom.units import DTYPE_BYTES, GB, GIB, MIB, format_bytes  # noqa: F401 - re-exported
 
 KV_STEP = 256
 """mlx-lm's ``KVCache`` grows its buffers in steps of this many tokens."""
@@ -31,39 +29,14 @@ DEFAULT_PROMPT_CACHE_SIZE = 10
 """mlx_lm.server's default ``--prompt-cache-size``."""
 DEFAULT_CONTEXT = 32768
 DEFAULT_TOKENS_PER_TURN = 2000
-DEFAULT_KV_GROUP_SIZE = 64
+DEFAULT_KV_GROUP_SIZE = units.DEFAULT_KV_GROUP_SIZE
 SAFETY_FRACTION = 0.05
 """Suggestions leave this share of the ceiling free for activations and fragmentation."""
 OS_RESERVE_BYTES = 8 * GIB
 """A raised wired limit should still leave the OS at least this much RAM."""
 SYSCTL_TIMEOUT = 5.0
 
-DTYPE_BYTES = {
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-}
 _FLOAT_SAFETENSORS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "K": 10**3,
-    "KB": 10**3,
-    "M": 10**6,
-    "MB": 10**6,
-    "G": GB,
-    "GB": GB,
-    "T": 10**12,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": MIB,
-    "GIB": GIB,
-    "TIB": 2**40,
-}
 
 
 class BudgetError(ValueError):
@@ -73,31 +46,15 @@ class BudgetError(ValueError):
 def parse_size(text: str | int) -> int:
     """``24GB`` -> 24e9, ``512MiB`` -> 512 * 2**20, ``1.5G`` -> 1.5e9; plain numbers are bytes.
 
-    Decimal units match mlx_lm.server's own ``--prompt-cache-bytes`` parsing.
+    The one size grammar (``units.py``); decimal units match mlx_lm.server's own
+    ``--prompt-cache-bytes`` parsing.
     """
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = match.group(2).upper() if match else None
-    if not match or unit not in _UNITS:
+    try:
+        return units.parse_size(text)
+    except units.SizeError as exc:
         raise BudgetError(
-            f"cannot read size {text!r}: write a number with an optional unit "
-            "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 24GB or 512MiB"
-        )
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
-def format_bytes(n: float) -> str:
-    """Human size in decimal GB/MB (the units mlx_lm.server logs use)."""
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    if n >= GB:
-        return f"{sign}{n / GB:.2f} GB"
-    if n >= 10**6:
-        return f"{sign}{n / 10**6:.1f} MB"
-    if n >= 10**3:
-        return f"{sign}{n / 10**3:.1f} KB"
-    return f"{sign}{int(n)} B"
+            f"cannot read size {text!r}: {exc.problem}; e.g. 24GB or 512MiB"
+        ) from None
 
 
 # --- model files -----------------------------------------------------------------------------
@@ -205,12 +162,8 @@ def kv_bytes_per_token(
     dtype: str | None = None,
     kv_bits: int | None = None,
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
-) -> float:
-    """Bytes of K and V one token adds across all layers.
-
-    2 x layers x kv_heads x head_dim x bytes per value; with ``kv_bits`` a value costs bits/8
-    plus one scale and one bias (in the activation dtype) per ``kv_group_size`` values.
-    """
+) -> int:
+    """Bytes of K and V one token adds across all layers (the formula: ``units.py``)."""
     cfg = _text_config(config)
     try:
         layers = int(cfg["num_hidden_layers"])
@@ -227,14 +180,17 @@ def kv_bytes_per_token(
                 "config.json has neither head_dim nor hidden_size: pass --kv-bytes-per-token"
             )
         head_dim = int(cfg["hidden_size"]) // heads
-    value_bytes = float(DTYPE_BYTES[config_dtype(config, dtype)])
-    if kv_bits is not None:
-        if kv_bits not in (2, 3, 4, 5, 6, 8):
-            raise BudgetError(
-                f"--kv-bits {kv_bits} is not supported by MLX: use 2, 3, 4, 5, 6 or 8"
-            )
-        value_bytes = kv_bits / 8 + 2 * value_bytes / kv_group_size
-    return 2 * layers * kv_heads * int(head_dim) * value_bytes
+    try:
+        return units.kv_bytes_per_token(
+            layers=layers,
+            kv_heads=kv_heads,
+            head_dim=int(head_dim),
+            dtype_bytes=DTYPE_BYTES[config_dtype(config, dtype)],
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+        )
+    except ValueError as exc:
+        raise BudgetError(f"--kv-bits {kv_bits} / --kv-group-size {kv_group_size}: {exc}") from None
 
 
 # --- the wired ceiling -----------------------------------------------------------------------

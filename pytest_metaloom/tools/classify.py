@@ -1,39 +1,88 @@
 """Crash-log classifier: name the failure that ended (or wedged) an MLX server from its log.
 
 Operators get a log, not a debugger. This module reads a server log (or a worker's stderr tail,
-for ``metaloom-guard``) and says which MLX failure kind it shows, whether it aborted, deferred or
-was synchronous, the exit code if the log has one, and what to do about it.
+for ``metaloom-guard``) and says which failure kind it shows, whether it aborted, deferred or
+was synchronous, the exit code if the log has one, how sure it is, and what to do about it.
+
+It matches the stable parts of failure texts rather than whole sentences: Apple's command-buffer
+error codes (``kIOGPUCommandBufferCallbackError*``, ``IOAF code N``), llama.cpp's ``status 5``,
+the allocator families (MLX's ``[malloc]``/``[malloc_or_wait]``/``[metal::malloc]`` texts,
+ggml's buffer failures, CUDA's ``cudaMalloc*``), death reports from shells, launchd, systemd and
+supervisors, kernel panics, and Python tracebacks of generation threads. ``confidence`` is
+``low`` where the log alone cannot settle the kind (a bare ``status 5``, a crash report without
+the exception text, an abort with no message), and ``confidence_note`` says why.
 
 It streams: each physical line is read once, cleaned (CR, ANSI colours, journald and logging
 prefixes), and only a few lines are held back to re-join messages a log formatter split. The
-kind names are the injector's fault names (``faults.FAULT_KINDS``); they are spelled here too
-because ``faults.py`` did not exist when this module was written, and a test checks both agree.
+fault kind names are the injector's (``inject.faults.FAULT_KINDS``); the classifier adds a few
+kinds of its own for what the injector does not simulate (``EXTRA_KINDS``).
 """
 
 from __future__ import annotations
 
 import io
 import re
-import signal as _signal
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO
 
 from pytest_metaloom.inject.faults import FAULT_KINDS
+from pytest_metaloom.tools.classify_advice import WEDGE_ADVICE, advice
+from pytest_metaloom.tools.classify_words import (
+    ABORT_FRAME,
+    ABORTED_SHELL,
+    ALWAYS_FAILURES,
+    ASSERT_FRAME,
+    BENIGN_EXCEPTIONS,
+    CHECK_ERROR,
+    CLIENT_ERROR,
+    CMDBUF_KINDS,
+    FAILED_ASSERTION,
+    GENERATION_THREAD,
+    GGML_ASSERT,
+    HIGH,
+    IOGPU_CODE,
+    KERNEL_PANIC,
+    KILLED,
+    LIBCXX_ABORT,
+    LOOP_ERROR,
+    LOW,
+    LOW_NOTES,
+    MEMORY_WARNING,
+    OBJC_ABORT,
+    OOM_KILLER,
+    OOM_KINDS,
+    PY_EXC_LINE,
+    RUNNER,
+    SEGV,
+    STATUS,
+    TERMINATE_GCC,
+    THREAD_DEATH,
+    TRACEBACK,
+    TRIGGER,
+    WEDGE,
+    abort_message,
+    clean_line,
+    death,
+    exit_evidence,
+    is_joined_complete,
+    message_kind,
+    needs_join,
+    semantics_of,
+    signal_number,
+)
 
 FAULT_KIND_NAMES: tuple[str, ...] = tuple(FAULT_KINDS)
 """The injector's fault kinds, the names the classifier reports."""
 
-EXTRA_KINDS: tuple[str, ...] = ("segfault", "killed", "none")
+EXTRA_KINDS: tuple[str, ...] = ("gpu_error", "kernel_panic", "segfault", "killed", "none")
+"""Kinds the injector does not simulate: a command-buffer failure whose code is none of the
+injector's (or is not in the log), a macOS kernel panic, a crash by signal, and no failure."""
 KINDS: tuple[str, ...] = FAULT_KIND_NAMES + EXTRA_KINDS
 
-OOM_KINDS = frozenset({"alloc_too_large", "resource_limit", "unable_to_allocate", "cmdbuf_oom"})
-CMDBUF_KINDS = frozenset(
-    {"cmdbuf_oom", "gpu_timeout", "gpu_hang", "gpu_victim", "invalid_resource"}
-)
 
 MAX_LINE_CHARS = 65536
 """Longer physical lines are read in pieces, so one giant line cannot exhaust memory."""
@@ -42,6 +91,12 @@ JOIN_WINDOW = 4
 MAX_EVENTS = 5000
 """Only the most recent events are kept; the decisive one is near the end of a log."""
 BINARY_SNIFF_BYTES = 8192
+TRACEBACK_WINDOW = 300
+"""An exception line counts as a failure when a traceback started at most this many lines before."""
+ABORT_CONTEXT_LINES = 50
+"""How far before a bare abort line the report of the same abort, with its reason, may be."""
+WEDGE_WINDOW = 200
+"""How long after a generation thread's death its traceback may still name the exception."""
 
 
 class UnreadableLogError(ValueError):
@@ -50,7 +105,12 @@ class UnreadableLogError(ValueError):
 
 @dataclass(frozen=True)
 class Classification:
-    """What a log shows. ``kind == "none"`` means no failure was found."""
+    """What a log shows. ``kind == "none"`` means no failure was found.
+
+    ``confidence`` is ``"high"`` when the log alone settles the kind and ``"low"`` when the
+    kind is the most likely reading of incomplete evidence; ``confidence_note`` then says what
+    is missing.
+    """
 
     kind: str
     semantics: str | None = None
@@ -61,92 +121,13 @@ class Classification:
     signal: str | None = None
     is_oom: bool = False
     advice: str = ""
+    confidence: str = HIGH
+    confidence_note: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON-ready fields (the CLI's ``--json`` output)."""
         return asdict(self)
 
-
-# --- line cleaning -------------------------------------------------------------------------
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
-_PREFIXES = (
-    # journald short: "Nov 25 20:19:46 host mlx_lm.server[123]: "
-    re.compile(r"^[A-Z][a-z]{2} +\d{1,2} \d{2}:\d{2}:\d{2}(?:\.\d+)? \S+ [^\s\[:]+(?:\[\d+\])?: "),
-    # journald short-iso / precise: "2025-11-25T20:19:46+0100 host proc[123]: "
-    re.compile(r"^\d{4}-\d{2}-\d{2}T[\d:.,]+(?:Z|[+-]\d{2}:?\d{2})? \S+ [^\s\[:]+\[\d+\]: "),
-    # timestamps: ISO date-time, or a bare clock, optionally bracketed
-    re.compile(
-        r"^\[?\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}:?\d{2})?\]?"
-        r"\s*(?:[-|:]\s+)?"
-    ),
-    re.compile(r"^\[?\d{2}:\d{2}:\d{2}(?:[.,]\d+)?\]?\s*(?:[-|]\s+)?"),
-    # logging levels: "INFO - ", "ERROR: ", "[WARNING] "
-    re.compile(r"^\[?(?:DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL|FATAL)\]?(?:\s*[-:|]\s*|\s+)"),
-    # supervisor stream tags: "[stderr] ", "stderr | "
-    re.compile(r"^(?:\[(?:stderr|stdout)\]\s*|(?:stderr|stdout)\s*\|\s*)"),
-)
-
-
-def clean_line(raw: str) -> str:
-    """Strip line endings, colours and known log prefixes, leaving the message text."""
-    text = _ANSI.sub("", raw.rstrip("\r\n")).replace("\r", " ").strip()
-    for _ in range(6):
-        before = text
-        for pattern in _PREFIXES:
-            text = pattern.sub("", text, count=1).lstrip()
-        if text == before:
-            break
-    return text
-
-
-# --- message patterns ----------------------------------------------------------------------
-
-_CMDBUF_CODES = {
-    "OutOfMemory": "cmdbuf_oom",
-    "Timeout": "gpu_timeout",
-    "Hang": "gpu_hang",
-    "InnocentVictim": "gpu_victim",
-    "InvalidResource": "invalid_resource",
-}
-_CMDBUF_DETAIL_WORDS = (
-    ("Insufficient Memory", "cmdbuf_oom"),
-    ("GPU Timeout", "gpu_timeout"),
-    ("GPU Hang", "gpu_hang"),
-    ("victim of GPU error", "gpu_victim"),
-    ("Invalid Resource", "invalid_resource"),
-)
-_CMDBUF = re.compile(r"\[METAL\] Command buffer execution failed:\s*(?P<detail>.*)")
-_IOGPU_CODE = re.compile(r"kIOGPUCommandBufferCallbackError(?P<code>[A-Za-z]+)")
-_LIBCXX_ABORT = re.compile(r"libc\+\+abi: terminating(?: due to uncaught exception)?")
-_TERMINATE_GCC = re.compile(r"terminate called after throwing an instance of")
-_ALLOC_TOO_LARGE = re.compile(r"\[metal::malloc\] Attempting to allocate \d+ bytes")
-_RESOURCE_LIMIT = re.compile(r"\[metal::malloc\] Resource limit \(\d+\) exceeded")
-_UNABLE = re.compile(r"\[malloc\] Unable to allocate \d+ bytes|cudaMalloc\w* failed|out of memory")
-_WEDGE = re.compile(r"generation thread died")
-_PY_EXC = re.compile(r"^(?:[\w.]+\.)?(?:RuntimeError|MemoryError|ValueError|Exception)\b:?")
-_GGML = re.compile(r"ggml_metal\w*: command buffer \d+ failed with status (?P<status>\d+)")
-_SEGV = re.compile(r"Segmentation fault|SIGSEGV|Fatal Python error: Segmentation")
-_OOM_KILLER = re.compile(
-    r"Out of memory: Kill(?:ed)? process|oom-kill(?:er)?\b|invoked oom-killer"
-    r"|Memory cgroup out of memory|jetsam|result 'oom-kill'"
-)
-_KILLED = re.compile(r"^Killed(?:: 9)?$|^(?:\S+: )?(?:line \d+: )?\d+ Killed\b|\bSIGKILL\b")
-_ABORTED_SHELL = re.compile(r"Aborted \(core dumped\)|^Aborted$|Abort trap: 6|SIGABRT")
-
-# exit evidence: rc=-6, returncode -11, exited with code 134, exit status 139, status=6/ABRT
-_EXIT_NUMERIC = re.compile(
-    r"(?:\brc|returncode|return code|exit(?:ed)?(?: with)? (?:code|status)|exit code|status)"
-    r"\s*[=:]?\s*\(?(?P<code>-?\d+)\)?(?!\s*/)"
-)
-_EXIT_SYSTEMD = re.compile(r"status=(?P<num>\d+)/(?P<name>[A-Z]+)")
-
-_TRIGGER = re.compile(
-    r"libc\+\+abi|terminate called|\[METAL\]|metal::malloc|\[malloc\]|cuda|thread died"
-    r"|ggml_metal|kIOGPU|Segmentation|SIG[A-Z]{3,4}|Out of memory|oom|jetsam|Killed|Abort"
-    r"|\brc\b|status=|(?i:exit|returncode|return code)"
-)
-"""Cheap pre-filter: a line matching none of these cannot start an event."""
 
 _SEVERITY = {
     "cmdbuf_oom": 9,
@@ -154,6 +135,7 @@ _SEVERITY = {
     "gpu_timeout": 8,
     "invalid_resource": 7,
     "gpu_victim": 6,
+    "gpu_error": 6,
     "unable_to_allocate": 5,
     "alloc_too_large": 5,
     "resource_limit": 5,
@@ -161,55 +143,9 @@ _SEVERITY = {
     "hang": 2,
     "segfault": 10,
     "killed": 10,
+    "kernel_panic": 11,
 }
 _WEDGE_BONUS = 20
-
-
-def _cmdbuf_kind(text: str) -> str | None:
-    """Kind of a command-buffer failure from its code or, failing that, its wording."""
-    code = _IOGPU_CODE.search(text)
-    if code and code.group("code") in _CMDBUF_CODES:
-        return _CMDBUF_CODES[code.group("code")]
-    for words, kind in _CMDBUF_DETAIL_WORDS:
-        if words in text:
-            return kind
-    return None
-
-
-def _message_kind(text: str) -> str | None:
-    """The fault kind named by an MLX error text anywhere in ``text``."""
-    if _CMDBUF.search(text):
-        return _cmdbuf_kind(text) or "cmdbuf_oom"
-    if _ALLOC_TOO_LARGE.search(text):
-        return "alloc_too_large"
-    if _RESOURCE_LIMIT.search(text):
-        return "resource_limit"
-    if _UNABLE.search(text) and ("[malloc]" in text or "cuda" in text.lower()):
-        return "unable_to_allocate"
-    return None
-
-
-def _needs_join(text: str) -> bool:
-    """A libc++abi or Metal message that a formatter cut before its end."""
-    if _LIBCXX_ABORT.search(text) or _TERMINATE_GCC.search(text):
-        return _message_kind(text) is None or not _is_complete_cmdbuf(text)
-    if "[METAL]" in text or "[metal::malloc]" in text or "[malloc]" in text:
-        return not _is_complete_message(text)
-    return False
-
-
-def _is_complete_cmdbuf(text: str) -> bool:
-    if not _CMDBUF.search(text):
-        return _message_kind(text) is not None
-    return bool(re.search(r"\(0000000\d:kIOGPUCommandBufferCallbackError[A-Za-z]+\)", text))
-
-
-def _is_complete_message(text: str) -> bool:
-    if _CMDBUF.search(text):
-        return _is_complete_cmdbuf(text)
-    if re.search(r"\[metal::malloc\]|\[malloc\]", text):
-        return _message_kind(text) is not None and bool(re.search(r"(?:bytes|exceeded)\.?", text))
-    return False
 
 
 # --- events --------------------------------------------------------------------------------
@@ -219,114 +155,189 @@ def _is_complete_message(text: str) -> bool:
 class _Event:
     line_number: int
     text: str
-    kind: str | None = None  # None for pure exit evidence
+    kind: str | None = None  # None for pure exit evidence or a marker
     semantics: str | None = None
     outcome: str | None = None
     terminal: bool = False
     exit_code: int | None = None
     signal: str | None = None
     oom_killer: bool = False
+    confidence: str = HIGH
+    note: str | None = None
+    status_line: bool = False  # a ggml "status 5" line still waiting for its detail
+    memory_warning: bool = False
 
     @property
-    def rank(self) -> int:
+    def rank(self) -> tuple[int, int, int]:
         base = _SEVERITY.get(self.kind or "", 0)
-        return base + (_WEDGE_BONUS if self.outcome == "wedged" else 0)
+        bonus = _WEDGE_BONUS if self.outcome == "wedged" else 0
+        return base + bonus, int(self.confidence == HIGH), self.line_number
 
 
-def _signal_name(num: int) -> str | None:
-    try:
-        return _signal.Signals(num).name
-    except ValueError:
+def _signal_event(line_number: int, text: str, sig: str) -> _Event:
+    """A death by signal: segfault and kill are kinds of their own, an abort is exit evidence."""
+    num = signal_number(sig)
+    code = -num if num else None
+    if sig in ("SIGSEGV", "SIGBUS"):
+        return _Event(line_number, text, "segfault", None, "aborted", True, code, sig)
+    if sig == "SIGKILL":
+        return _Event(line_number, text, "killed", None, "aborted", True, code, sig)
+    return _Event(line_number, text, exit_code=code, signal=sig)
+
+
+def _aborted(line_number: int, text: str, kind: str, note: str | None = None) -> _Event:
+    """The process aborted (SIGABRT) on this line; a ``note`` marks the kind as a low guess."""
+    ev = _Event(line_number, text, kind, "abort", "aborted", True, signal="SIGABRT")
+    if note is not None:
+        ev.confidence, ev.note = LOW, note
+    return ev
+
+
+def _assert_event(line_number: int, text: str, match: re.Match[str]) -> _Event:
+    cond = (match.group("cond1") or match.group("cond2") or "").strip()
+    if cond in ("", "false", "0"):
+        note = "an unconditional assertion aborted the process; the log does not say why"
+        return _aborted(line_number, text, "runtime_error", note)
+    return _aborted(line_number, text, "runtime_error")
+
+
+def _abort_event(line_number: int, text: str) -> _Event:
+    """libc++abi / GCC terminate: an uncaught C++ exception ends the process with SIGABRT."""
+    found = message_kind(text)
+    if found:
+        kind, confidence = found
+        return _aborted(line_number, text, kind, LOW_NOTES.get(kind) if confidence == LOW else None)
+    if not abort_message(text):
+        note = "an uncaught C++ exception aborted the process; its message is not in the log"
+        return _aborted(line_number, text, "runtime_error", note)
+    return _aborted(line_number, text, "runtime_error")
+
+
+def _python_event(line_number: int, text: str, in_traceback: bool) -> _Event | None:
+    """A Python failure: a generation loop's error line, a client's error body, an exception."""
+    loop = LOOP_ERROR.search(text) or CLIENT_ERROR.search(text)
+    exc = PY_EXC_LINE.match(text)
+    if loop:
+        message = loop.group("msg")
+    elif exc and exc.group("exc").split(".")[-1] in BENIGN_EXCEPTIONS:
         return None
+    elif exc and (in_traceback or exc.group("exc").split(".")[-1] in ALWAYS_FAILURES):
+        message = exc.group("msg")
+    else:
+        return None
+    found = message_kind(message)
+    if found:
+        ev = _Event(line_number, text, found[0], confidence=found[1])
+        ev.semantics = semantics_of(text, found[0])
+        ev.note = LOW_NOTES.get(found[0]) if found[1] == LOW else None
+        return ev
+    return _Event(line_number, text, "runtime_error")
 
 
-def _exit_evidence(text: str) -> tuple[int, str | None] | None:
-    """(exit code as printed, or -signal for textual evidence; signal name) if the line has it."""
-    systemd = _EXIT_SYSTEMD.search(text)
-    if systemd:
-        num = int(systemd.group("num"))
-        if "code=exited" in text:
-            return num, None
-        return -num, "SIG" + systemd.group("name")
-    numeric = _EXIT_NUMERIC.search(text)
-    if numeric and re.search(r"exit|\brc\b|returncode|return code|died|terminated", text, re.I):
-        code = int(numeric.group("code"))
-        if code < 0:
-            return code, _signal_name(-code)
-        if 128 < code < 128 + 65:
-            return code, _signal_name(code - 128)
-        return code, None
+def _runner_event(line_number: int, text: str) -> _Event | None:
+    """A supervisor's report that its runner failed with a message (Ollama's wording)."""
+    runner = RUNNER.search(text)
+    if not runner:
+        return None
+    message = re.sub(r"\s*\(exit: [^)]*\)\s*\"?$", "", runner.group("msg")).strip(' "')
+    message = re.sub(r"^(?:error|Error|panic|mlx)\s*:\s*", "", message)
+    if not message or death(message):
+        return None
+    found = message_kind(message)
+    if found:
+        return _Event(line_number, text, found[0], confidence=found[1])
+    return _Event(line_number, text, "runtime_error")
+
+
+def _crash_event(line_number: int, text: str) -> _Event | None:
+    """An abort, an assertion, a crash-report frame or a kernel panic on this line, if any."""
+    if LIBCXX_ABORT.search(text) or TERMINATE_GCC.search(text):
+        return _abort_event(line_number, text)
+    if OBJC_ABORT.search(text) or FAILED_ASSERTION.search(text):
+        return _aborted(line_number, text, "runtime_error")
+    assertion = GGML_ASSERT.search(text)
+    if assertion:
+        return _assert_event(line_number, text, assertion)
+    if ASSERT_FRAME.search(text):
+        note = "a crash report shows an assertion failed, but not which one"
+        return _aborted(line_number, text, "runtime_error", note)
+    if ABORT_FRAME.search(text):
+        return _Event(line_number, text, exit_code=-6, signal="SIGABRT")
+    if KERNEL_PANIC.search(text):
+        return _Event(line_number, text, "kernel_panic", outcome="aborted", terminal=True)
+    if CHECK_ERROR.search(text):
+        return _aborted(line_number, text, "gpu_error", LOW_NOTES["gpu_error"])
     return None
+
+
+def _death_event(line_number: int, text: str, sig: str | None) -> _Event | None:
+    """A death reported by the process, the kernel, a shell or a supervisor, if any."""
+    if SEGV.search(text):
+        return _Event(line_number, text, "segfault", None, "aborted", True, -11, "SIGSEGV")
+    if OOM_KILLER.search(text):
+        ev = _Event(line_number, text, "killed", None, "aborted", True, -9, "SIGKILL")
+        ev.oom_killer = True
+        return ev
+    if sig is not None:
+        return _signal_event(line_number, text, sig)
+    if KILLED.search(text) and exit_evidence(text) is None:
+        return _Event(line_number, text, "killed", None, "aborted", True, -9, "SIGKILL")
+    if ABORTED_SHELL.search(text) and exit_evidence(text) is None:
+        return _Event(line_number, text, exit_code=-6, signal="SIGABRT")
+    return None
+
+
+def _fault_event(line_number: int, text: str, found: tuple[str, str]) -> _Event:
+    ev = _Event(line_number, text, found[0], confidence=found[1])
+    ev.semantics = semantics_of(text, found[0])
+    ev.note = LOW_NOTES.get(found[0]) if found[1] == LOW else None
+    return ev
+
+
+def _wedge_event(line_number: int, text: str, found: tuple[str, str] | None) -> _Event:
+    """The generation thread died: the process lives on, wedged."""
+    kind, confidence = found or ("runtime_error", LOW)
+    ev = _Event(line_number, text, kind, outcome="wedged", confidence=confidence)
+    ev.semantics = semantics_of(text, found[0] if found else None)
+    if not found:
+        ev.note = "the generation thread died; the log does not show the exception"
+    return ev
 
 
 def _events_for(line_number: int, text: str, pending: dict[str, int]) -> list[_Event]:
     """Events on one cleaned logical line. ``pending`` carries short-range context forward."""
-    events: list[_Event] = []
-    kind = _message_kind(text)
+    if TRACEBACK.search(text):
+        pending["traceback"] = line_number
+    since_traceback = line_number - pending.get("traceback", -TRACEBACK_WINDOW - 1)
+    found = message_kind(text)
+    thread = THREAD_DEATH.match(text)
+    sig = death(text)
 
-    if _LIBCXX_ABORT.search(text) or _TERMINATE_GCC.search(text):
-        events.append(
-            _Event(
-                line_number,
-                text,
-                kind=kind or "runtime_error",
-                semantics="abort",
-                outcome="aborted",
-                terminal=True,
-                signal="SIGABRT",
-            )
-        )
-    elif _WEDGE.search(text):
-        ev = _Event(line_number, text, kind=kind or "runtime_error", outcome="wedged")
-        ev.semantics = _semantics_of(text, kind)
-        events.append(ev)
-    elif _GGML.search(text):
-        events.append(_Event(line_number, text, kind="cmdbuf_oom"))
-        pending["ggml"] = 2
-    elif kind is not None:
-        events.append(_Event(line_number, text, kind=kind, semantics=_semantics_of(text, kind)))
-    elif pending.get("ggml") and _IOGPU_CODE.search(text):
-        # llama.cpp prints the Metal detail on the line after "failed with status 5"
-        events.append(_Event(line_number, text, kind=_cmdbuf_kind(text) or "cmdbuf_oom"))
-        events[-1].outcome = "ggml_detail"
-    elif _SEGV.search(text):
-        events.append(_Event(line_number, text, kind="segfault", outcome="aborted", terminal=True))
-        events[-1].signal = "SIGSEGV"
-        events[-1].exit_code = -11
-    elif _OOM_KILLER.search(text):
-        ev = _Event(line_number, text, kind="killed", outcome="aborted", terminal=True)
-        ev.signal, ev.exit_code, ev.oom_killer = "SIGKILL", -9, True
-        events.append(ev)
-    elif _KILLED.search(text) and _exit_evidence(text) is None:
-        ev = _Event(line_number, text, kind="killed", outcome="aborted", terminal=True)
-        ev.signal, ev.exit_code = "SIGKILL", -9
-        events.append(ev)
-    elif _ABORTED_SHELL.search(text) and _exit_evidence(text) is None:
-        events.append(_Event(line_number, text, exit_code=-6, signal="SIGABRT"))
+    event = _crash_event(line_number, text)
+    if event is None and (WEDGE.search(text) or (thread and GENERATION_THREAD.search(thread[1]))):
+        event = _wedge_event(line_number, text, found)
+        pending["traceback"] = line_number
+    elif event is None and STATUS.search(text) and not IOGPU_CODE.search(text):
+        event = _Event(line_number, text, "gpu_error", confidence=LOW, status_line=True)
+        event.note = LOW_NOTES["gpu_error"]
+    elif event is None and found is not None:
+        event = _fault_event(line_number, text, found)
+    if event is None:
+        event = _death_event(line_number, text, sig)
+    if event is None:
+        event = _python_event(line_number, text, since_traceback <= TRACEBACK_WINDOW)
+        event = event or _runner_event(line_number, text)
+    if event is None and MEMORY_WARNING.search(text):
+        event = _Event(line_number, text, memory_warning=True)
 
-    if pending.get("ggml") and not _GGML.search(text):
-        pending["ggml"] -= 1
-
-    exit_info = _exit_evidence(text)
+    events = [event] if event is not None else []
+    if sig is not None and event is not None and event.kind not in (None, "segfault", "killed"):
+        # a fault and the death it caused reported on one line: "... (exit: signal: abort trap)"
+        events.append(_signal_event(line_number, text, sig))
+    exit_info = exit_evidence(text)
     if exit_info is not None:
         events.append(_Event(line_number, text, exit_code=exit_info[0], signal=exit_info[1]))
     return events
-
-
-def _semantics_of(text: str, kind: str | None) -> str | None:
-    """abort / deferred / sync, judged from how the message reached the log."""
-    if kind is None:
-        return None
-    if kind in CMDBUF_KINDS:
-        stripped = text.rstrip()
-        if _PY_EXC.search(stripped) or "RuntimeError" in stripped or stripped.endswith("."):
-            return "deferred"
-        if "generation thread died" in stripped:
-            return "deferred"
-        return None
-    if kind in OOM_KINDS:
-        return "sync"
-    return None
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -359,12 +370,12 @@ def _logical_lines(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
     fill()
     while ahead:
         number, raw = ahead.popleft()
-        if not _TRIGGER.search(raw):
+        if not TRIGGER.search(raw):
             yield number, ""
             fill()
             continue
         text = clean_line(raw)
-        if text and _needs_join(text):
+        if text and needs_join(text):
             fill()
             following = [(n, clean_line(r)) for n, r in ahead]
             joined, used = _try_join(text, following)
@@ -381,15 +392,12 @@ def _try_join(first: str, following: list[tuple[int, str]]) -> tuple[str, int]:
         parts = [first] + [t for _, t in following[:used]]
         for sep in (" ", ""):
             candidate = sep.join(parts)
-            if _is_joined_complete(candidate):
+            if is_joined_complete(candidate):
                 return candidate, used
+    if following and following[0][1] and abort_message(first) == "":
+        # an abort whose message is on the next line and names no known failure
+        return f"{first} {following[0][1]}", 1
     return first, 0
-
-
-def _is_joined_complete(text: str) -> bool:
-    if _LIBCXX_ABORT.search(text) or _TERMINATE_GCC.search(text):
-        return _message_kind(text) is not None and _is_complete_cmdbuf(text)
-    return _is_complete_message(text)
 
 
 def _open_text(binary: IO[bytes]) -> IO[str]:
@@ -426,32 +434,36 @@ class _Collector:
         self._wedge_lines = 0
 
     def feed(self, number: int, text: str) -> None:
-        if not text:
-            return
-        new = _events_for(number, text, self.pending)
-        for ev in new:
-            self._attach(ev)
         if self._wedge is not None:
             self._wedge_lines += 1
-            if self._wedge_lines > 200:
+            if self._wedge_lines > WEDGE_WINDOW:
                 self._wedge = None
+        if not text:
+            return
+        for ev in _events_for(number, text, self.pending):
+            self._attach(ev)
 
     def _attach(self, ev: _Event) -> None:
         last = self.events[-1] if self.events else None
-        if ev.outcome == "ggml_detail":
-            ev.outcome = None
-            if last is not None and last.kind == "cmdbuf_oom" and _GGML.search(last.text):
-                last.kind = ev.kind
-                last.text = f"{last.text} / {ev.text}"
+        near = last is not None and ev.line_number - last.line_number <= 2
+        if near and last is not None and last.kind in CMDBUF_KINDS:
+            # llama.cpp prints "status 5" and the Metal detail on neighbouring lines, in
+            # either order: keep one event, with the detail's kind and the status line's place
+            if last.status_line and ev.kind in CMDBUF_KINDS and not ev.status_line:
+                last.kind, last.confidence, last.note = ev.kind, ev.confidence, ev.note
+                last.text, last.status_line = f"{last.text} / {ev.text}", False
+                return
+            if ev.status_line and not last.status_line:
                 return
         if ev.kind is not None and ev.outcome == "wedged":
             self._wedge, self._wedge_lines = ev, 0
         elif self._wedge is not None and ev.kind is not None and not ev.terminal:
-            # the traceback after "generation thread died" ends with the exception's text
-            if self._wedge.kind == "runtime_error":
-                self._wedge.kind = ev.kind
-                self._wedge.semantics = ev.semantics
-            if ev.kind == self._wedge.kind:
+            # the traceback after a generation thread's death ends with the exception's text
+            wedge = self._wedge
+            if wedge.kind == "runtime_error":
+                wedge.kind, wedge.semantics = ev.kind, ev.semantics
+                wedge.confidence, wedge.note = ev.confidence, ev.note
+            if ev.kind == wedge.kind:
                 return
         self.events.append(ev)
 
@@ -464,7 +476,7 @@ class _Collector:
                 kind="none",
                 exit_code=code,
                 signal=exit_ev.signal if exit_ev else None,
-                advice=_advice("none", None),
+                advice=advice("none", None),
             )
         exit_code = decisive.exit_code
         sig = decisive.signal
@@ -472,11 +484,15 @@ class _Collector:
             exit_code, sig = exit_ev.exit_code, exit_ev.signal or sig
         semantics, outcome = decisive.semantics, decisive.outcome
         ended = exit_ev is not None and exit_ev.exit_code not in (None, 0)
-        if sig == "SIGABRT" and decisive.kind in CMDBUF_KINDS | {"runtime_error"}:
+        if sig == "SIGABRT" and decisive.kind in CMDBUF_KINDS | OOM_KINDS | {"runtime_error"}:
             semantics = semantics if semantics == "deferred" else "abort"
         if ended and outcome is None:
             outcome = "aborted"
         kind = decisive.kind or "runtime_error"
+        confidence, note = decisive.confidence, decisive.note
+        if kind == "runtime_error" and confidence == HIGH and _warned(events, decisive):
+            confidence = LOW
+            note = "the log warns that memory ran past the working set before this failure"
         return Classification(
             kind=kind,
             semantics=semantics,
@@ -486,10 +502,16 @@ class _Collector:
             exit_code=exit_code,
             signal=sig,
             is_oom=kind in OOM_KINDS or decisive.oom_killer,
-            advice=_WEDGE_ADVICE + _advice(kind, semantics)
+            advice=WEDGE_ADVICE + advice(kind, semantics)
             if outcome == "wedged"
-            else _advice(kind, semantics),
+            else advice(kind, semantics),
+            confidence=confidence,
+            confidence_note=note if confidence == LOW else None,
         )
+
+
+def _warned(events: list[_Event], decisive: _Event) -> bool:
+    return any(e.memory_warning and e.line_number <= decisive.line_number for e in events)
 
 
 def _decide(events: list[_Event]) -> tuple[_Event | None, _Event | None]:
@@ -499,111 +521,77 @@ def _decide(events: list[_Event]) -> tuple[_Event | None, _Event | None]:
     enders = [e for e in events if e.terminal or (e.kind is None and e.exit_code not in (None, 0))]
     if enders:
         last = enders[-1]
-        if last.kind is not None:
-            after = [e for e in exits if e.line_number >= last.line_number]
-            return last, (after[0] if after else None)
         earlier_exits = [e for e in exits if e.line_number < last.line_number and e is not last]
         start = earlier_exits[-1].line_number if earlier_exits else 0
         window = [e for e in faults if start <= e.line_number <= last.line_number]
         terminals = [e for e in window if e.terminal]
+        if last.kind is not None:
+            after = [e for e in exits if e.line_number >= last.line_number]
+            decisive = _root_cause(_best_terminal(terminals, last), faults)
+            return decisive, (after[0] if after else None)
         if terminals:
-            return terminals[-1], last
+            return _root_cause(_best_terminal(terminals, terminals[-1]), faults), last
         if window:
-            return max(window, key=lambda e: (e.rank, e.line_number)), last
+            return max(window, key=lambda e: e.rank), last
         synthetic = _Event(last.line_number, last.text, kind=_kind_from_exit(last), terminal=True)
         synthetic.outcome = "aborted"
+        if synthetic.kind == "runtime_error":
+            synthetic.confidence = LOW
+            synthetic.note = "the process died, but the log does not say of what"
         return synthetic, last
     if faults:
-        best = max(faults, key=lambda e: (e.rank, e.line_number))
-        return best, (exits[-1] if exits else None)
+        return max(faults, key=lambda e: e.rank), (exits[-1] if exits else None)
     return None, (exits[-1] if exits else None)
 
 
+def _best_terminal(terminals: list[_Event], last: _Event) -> _Event:
+    """The last process-ending event, unless it lacks a message that one just before it has.
+
+    One death is often reported twice: an Objective-C or assertion line with the reason, then a
+    bare ``libc++abi: terminating`` or crash frame. The one that says why wins.
+    """
+    if last.confidence == HIGH:
+        return last
+    near = [
+        e
+        for e in terminals
+        if e.confidence == HIGH and last.line_number - e.line_number <= ABORT_CONTEXT_LINES
+    ]
+    return near[-1] if near else last
+
+
+def _reason(text: str) -> str | None:
+    match = re.search(r"failed:\s*(?P<why>[^.\n]+)", text)
+    return match.group("why").strip() if match else None
+
+
+def _root_cause(ender: _Event, faults: list[_Event]) -> _Event:
+    """An abort that repeats an earlier, more specific failure's reason has that root cause.
+
+    CUDA errors are sticky: after one failure every later call fails with the same reason, so
+    the first failure is the one that names what went wrong.
+    """
+    if ender.kind != "runtime_error":
+        return ender
+    why = _reason(ender.text)
+    if why is None:
+        return ender
+    for earlier in faults:
+        if earlier is ender or earlier.line_number >= ender.line_number:
+            continue
+        if earlier.kind not in (None, "runtime_error") and _reason(earlier.text) == why:
+            return replace(
+                ender, kind=earlier.kind, confidence=earlier.confidence, note=earlier.note
+            )
+    return ender
+
+
 def _kind_from_exit(ev: _Event) -> str:
-    if ev.signal == "SIGSEGV":
+    if ev.signal in ("SIGSEGV", "SIGBUS"):
         return "segfault"
     if ev.signal == "SIGKILL":
         return "killed"
     return "runtime_error"
-
-
-# --- advice --------------------------------------------------------------------------------
-
-_WEDGE_ADVICE = (
-    "The generation thread died: the process is alive but wedged (404 to every request, /health "
-    "503) until restarted. "
-)
-_WIRED = "raise `iogpu.wired_limit_mb` (sudo sysctl iogpu.wired_limit_mb=N)"
-_WIRED_CAP = "R" + _WIRED[1:]
-_ADVICE = {
-    ("cmdbuf_oom", "abort"): (
-        "The GPU ran out of wired memory and MLX < 0.32 aborts from a Metal thread; no Python "
-        f"handler can catch it. {_WIRED_CAP}, size the prompt cache with `metaloom "
-        "budget`, and run the server behind `metaloom-guard` so an abort costs a retry, not the "
-        "request."
-    ),
-    ("cmdbuf_oom", None): (
-        "The GPU ran out of wired memory (command-buffer OOM): model + prompt cache + active KV "
-        f"crossed the wired ceiling. {_WIRED_CAP} or shrink the cache; check the numbers "
-        "with `metaloom budget`."
-    ),
-    ("cmdbuf_oom", "deferred"): (
-        "A command-buffer OOM was raised at the next sync point (mlx >= 0.32) and can be caught: "
-        "the server should answer 503 and reset its prompt cache. To stop it happening, "
-        f"{_WIRED} or lower --prompt-cache-bytes (see `metaloom budget`)."
-    ),
-    "alloc_too_large": (
-        "One buffer was larger than Metal's maximum buffer size; more memory will not help. "
-        "Lower --prefill-step-size, the batch size or the context length."
-    ),
-    "resource_limit": (
-        "The count of live Metal buffers hit its limit (a number of buffers, not bytes): this is "
-        "almost always a buffer leak. Look for arrays kept alive across requests; "
-        "mx.clear_cache() will not free them."
-    ),
-    "unable_to_allocate": (
-        "The allocator could not get memory: a synchronous, catchable OOM. Answer 503 and reset "
-        "the prompt cache; lower --prompt-cache-bytes or the context to stop it recurring."
-    ),
-    "gpu_timeout": (
-        "A command buffer ran past the GPU watchdog (not a memory error). Use smaller prefill "
-        "steps or shorter prompts; on mlx < 0.32 this aborts like the OOM, so use `metaloom-guard`."
-    ),
-    "gpu_hang": (
-        "The GPU reported a hang and was reset (not a memory error). Retry on a fresh process; "
-        "run behind `metaloom-guard` so the restart is automatic."
-    ),
-    "gpu_victim": (
-        "This command buffer was discarded because another GPU client faulted; the cause is in "
-        "another process's log. Retry the request."
-    ),
-    "invalid_resource": (
-        "A command buffer used a freed or invalid buffer: an MLX or kernel bug, not memory "
-        "pressure. Report it upstream with the log; retry on a fresh process."
-    ),
-    "runtime_error": (
-        "A non-OOM failure ended or broke the server; the correct answer to the client is 500, "
-        "not 503. Read the traceback around the decisive line."
-    ),
-    "hang": "Evaluation blocked without an error: restart the server and report the hang.",
-    "segfault": (
-        "The process crashed with SIGSEGV. On the CPU backend this is often how an allocation "
-        "failure ends (no MLX error is raised); otherwise report it upstream with the log."
-    ),
-    "killed": (
-        "The process was killed with SIGKILL, typically by the kernel's OOM killer (or jetsam on "
-        "macOS): system RAM ran out. Lower the prompt cache or model size, or add memory."
-    ),
-    "none": "No MLX failure, crash or kill found in this log.",
-}
-
-
-def _advice(kind: str, semantics: str | None) -> str:
-    if kind in CMDBUF_KINDS and kind != "cmdbuf_oom":
-        return _ADVICE[kind]  # type: ignore[return-value]
-    if kind == "cmdbuf_oom":
-        return _ADVICE[("cmdbuf_oom", semantics if semantics in ("abort", "deferred") else None)]
-    return _ADVICE.get(kind, _ADVICE["runtime_error"])  # type: ignore[return-value]
 
 
 # --- public API ----------------------------------------------------------------------------

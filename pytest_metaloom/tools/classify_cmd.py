@@ -31,9 +31,12 @@ def render(result: Classification) -> str:
         if value is not None:
             facts.append(f"{name}={value}")
     facts.append(f"oom={'yes' if result.is_oom else 'no'}")
+    facts.append(f"confidence={result.confidence}")
     lines = [" ".join(facts)]
     if result.decisive_line is not None:
         lines.append(f"line {result.line_number}: {result.decisive_line}")
+    if result.confidence_note:
+        lines.append(f"uncertain: {result.confidence_note}")
     lines.append(f"advice: {result.advice}")
     return "\n".join(lines)
 
