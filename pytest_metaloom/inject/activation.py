@@ -78,7 +78,7 @@ def watch(env: Mapping[str, str] | None = None) -> None:
     from pytest_metaloom.inject.runtime import _PostImportFinder
 
     hooks: dict[str, Callable[[Any], None]] = {
-        "mlx_lm.server": lambda m: activate("import mlx_lm.server"),
+        "mlx_lm.server": _server_imported,
         "mlx_lm.utils": _patch_loaders,
         "mlx_lm.generate": _patch_generation,
         "mlx_lm.models.cache": _patch_prompt_cache,
@@ -155,6 +155,26 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
+_PATCHED: list[tuple[Any, str, Any]] = []
+
+
+def _replace(owner: Any, name: str, new: Any) -> None:
+    """Install a generic hook, remembering the original so :func:`_restore` can undo it."""
+    _PATCHED.append((owner, name, getattr(owner, name)))
+    setattr(owner, name, new)
+
+
+def _restore() -> None:
+    """``mlx_lm.server`` has hooks of its own: its process runs mlx-lm exactly as shipped."""
+    while _PATCHED:
+        owner, name, original = _PATCHED.pop()
+        setattr(owner, name, original)
+
+
+def _server_imported(module: Any) -> None:
+    _restore()
+    activate("import mlx_lm.server")
+
 
 # ---------------------------------------------------------------------- triggers
 
@@ -173,7 +193,7 @@ def _patch_loaders(module: Any) -> None:
 
         load_tokenizer._metaloom = True  # type: ignore[attr-defined]
         load_tokenizer.__doc__ = real_tokenizer.__doc__
-        module.load_tokenizer = load_tokenizer
+        _replace(module, "load_tokenizer", load_tokenizer)
     for name in _LOADERS:
         real = getattr(module, name, None)
         if real is None or getattr(real, "_metaloom", False):
@@ -189,7 +209,7 @@ def _patch_loaders(module: Any) -> None:
         loader._metaloom = True  # type: ignore[attr-defined]
         loader.__doc__ = real.__doc__
         loader.__name__ = name
-        setattr(module, name, loader)
+        _replace(module, name, loader)
 
 
 def _generic() -> Any:
@@ -219,7 +239,7 @@ def _patch_generation(module: Any) -> None:
             return _sequential(rt, inner, args[0] if args else kwargs.get("prompt"))
 
         generate_step.__doc__ = real_step.__doc__
-        module.generate_step = generate_step
+        _replace(module, "generate_step", generate_step)
     batch_cls = getattr(module, "BatchGenerator", None)
     if batch_cls is not None:
         _patch_batch_generator(batch_cls)
@@ -298,12 +318,12 @@ def _patch_batch_generator(cls: Any) -> None:
                         rt.request_end(rid)
         return result
 
-    cls.__init__ = __init__
+    _replace(cls, "__init__", __init__)
     if real_insert is not None:
-        setattr(cls, insert_name, insert)
+        _replace(cls, insert_name, insert)
     if real_remove is not None:
-        cls.remove = remove
-    setattr(cls, step_name, step)
+        _replace(cls, "remove", remove)
+    _replace(cls, step_name, step)
 
 
 def _responses(result: Any) -> list[Any]:
@@ -332,7 +352,7 @@ def _patch_prompt_cache(module: Any) -> None:
         if rt is not None and rt.response_generator is None:
             rt.response_generator = SimpleNamespace(prompt_cache=self)
 
-    cls.__init__ = __init__
+    _replace(cls, "__init__", __init__)
     for name in ("fetch_nearest_cache", "insert_cache"):
         real = getattr(cls, name, None)
         if real is None:
@@ -345,7 +365,7 @@ def _patch_prompt_cache(module: Any) -> None:
             return _real(self, *args, **kwargs)
 
         boundary.__name__ = name
-        setattr(cls, name, boundary)
+        _replace(cls, name, boundary)
 
 
 # ---------------------------------------------------------------------- identity
@@ -409,7 +429,7 @@ def _patch_tokenizer(module: Any) -> None:
 
         wrapper.__name__ = name
         wrapper.__doc__ = real.__doc__
-        setattr(cls, name, wrapper)
+        _replace(cls, name, wrapper)
 
 
 def _claim_pending(wanted: list[str]) -> str | None:
