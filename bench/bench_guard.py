@@ -7,6 +7,9 @@ Measures, in one run:
   2. added latency per non-stream request, median (STAND-IN worker: the latency floor)
   3. worker death -> in-flight client's 503, median (STAND-IN worker that aborts on demand)
   4. worker death -> serving again vs a bare server start (real mlx_lm.server, cold start)
+  5. worker wedged -> detected (the affected request's 503) -> serving again, vs a bare start
+     (real mlx_lm.server 0.32 with an injected synchronous error in its batched generation loop:
+     the process stays alive, /health 503, completions 404 ``generation thread died``)
 The guard always runs as its own process (``guard_command``), as in production.
 
 The machine is shared, so load drifts by tens of percent within seconds. Ratios are therefore
@@ -100,11 +103,18 @@ def wait_until(pred: Any, timeout: float, step: float = 0.02) -> float:
 
 
 @contextmanager
-def guard_proc(worker: list[str], log_dir: Path, **opts: Any) -> Iterator[int]:
+def guard_proc(
+    worker: list[str], log_dir: Path, env: dict[str, str] | None = None, **opts: Any
+) -> Iterator[int]:
     """A guard subprocess in front of ``worker``; yields its port; always cleaned up."""
     port = free_port()
     argv = guard_command(worker, port, log_dir=log_dir, quiet=True, **opts)
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
     try:
         wait_until(lambda: request(port, "GET", "/health", timeout=2)[0] == 200, 120)
         yield port
@@ -288,6 +298,63 @@ def bench_restart(model: Path, tmp: Path, rounds: int) -> Paired:
     return out
 
 
+def tagged(port: int, rid: str, body: dict[str, Any]) -> int:
+    """Status of one completion carrying the injector's request tag."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        headers = {"Content-Type": "application/json", "X-Metaloom-Request-Id": rid}
+        conn.request("POST", "/v1/completions", json.dumps(body), headers)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def guard_wedge(gport: int, injector: Any, rid: str, body: dict[str, Any]) -> tuple[float, float]:
+    """(seconds to the affected request's 503, seconds to the next 200) after a real wedge.
+
+    The injected error kills mlx_lm.server's batched generation loop and leaves the process
+    alive; the guard must notice from the worker's answers and replace it.
+    """
+    wait_until(lambda: request(gport, "GET", "/health", timeout=2)[0] == 200, 120)
+    injector.arm(f"1*resource_limit@path=batched,site=prefill,request={rid}")
+    t0 = time.monotonic()
+    code = tagged(gport, rid, {**body, "prompt": f"wedge me {rid}"})
+    detected = time.monotonic() - t0
+    assert code == 503, code
+    wait_until(lambda: request(gport, "POST", "/v1/completions", body)[0] == 200, 120)
+    return detected, time.monotonic() - t0
+
+
+def bench_wedge(model: Path, tmp: Path, rounds: int) -> tuple[Paired, list[float]]:
+    """Bare cold starts and wedge-to-serving times through the guard, alternated in pairs."""
+    from pytest_metaloom.inject.injector import Injector, bootstrap_env
+
+    body = {"prompt": "hello", "max_tokens": 1}
+    env = bootstrap_env(tmp / "wedge-inj")
+    injector = Injector(env["METALOOM_CONTROL"], env["METALOOM_EVENTS"])
+    out = Paired()
+    detected: list[float] = []
+    opts = {"max_restarts": rounds + 1, "restart_window": 3600, "backoff": 0}
+    with guard_proc([*MLX_SERVER, "--model", str(model)], tmp / "wg", env=env, **opts) as gp:
+
+        def wedge(i: int) -> float:
+            d, total = guard_wedge(gp, injector, f"wedge-{i}", body)
+            detected.append(d)
+            return total
+
+        for i in range(rounds):
+            out.add(
+                *alternate(
+                    i,
+                    lambda i=i: bare_start(model, tmp / f"bare-w{i}.log", body),
+                    lambda i=i: wedge(i),
+                )
+            )
+    return out, detected
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
@@ -296,6 +363,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128, help="tokens per streamed completion")
     ap.add_argument("--stream-rounds", type=int, default=0, help="stream pairs (default 60)")
     ap.add_argument("--restart-rounds", type=int, default=0, help="restart pairs (default 6)")
+    ap.add_argument("--only-wedge", action="store_true", help="measure only the wedge rows")
     args = ap.parse_args()
     from pytest_metaloom.server.model import ModelSpec, build_tiny_model
 
@@ -307,23 +375,32 @@ def main() -> int:
         script.write_text(STANDIN)
         standin = [sys.executable, str(script), "{port}"]
         q = args.quick
-        tp, cpu_share = bench_throughput(
-            model, tmp, args.stream_rounds or (10 if q else 60), args.tokens
-        )
-        lat_d, lat_g, lat_added = bench_latency(standin, tmp, 50 if q else 300)
-        d503 = bench_death_to_503(standin, tmp, 5 if q else 15)
-        rs = bench_restart(model, tmp, args.restart_rounds or (2 if q else 6))
-    med = statistics.median
-    rows = [
-        ("stream throughput (events/s)", f"{med(tp.base):.1f}", f"{med(tp.guard):.1f}",
-         tp.spread(), ">= 0.95"),
-        ("  guard CPU / worker CPU, streaming", "-", "-", f"{cpu_share:.2%}", "< 5%"),
-        ("non-stream latency, median (ms)", f"{lat_d:.2f}", f"{lat_g:.2f}",
-         f"+{lat_added:.2f} ms (pair median)", "< +2 ms"),
-        ("death -> in-flight 503, median (ms)", "-", f"{d503:.1f}", "-", "< 100 ms"),
-        ("to serving: bare start vs restart (s)", f"{med(rs.base):.2f}", f"{med(rs.guard):.2f}",
-         rs.spread(), "<= 1.5"),
-    ]  # fmt: skip
+        rounds = args.restart_rounds or (2 if q else 6)
+        rows = []
+        med = statistics.median
+        if not args.only_wedge:
+            tp, cpu_share = bench_throughput(
+                model, tmp, args.stream_rounds or (10 if q else 60), args.tokens
+            )
+            lat_d, lat_g, lat_added = bench_latency(standin, tmp, 50 if q else 300)
+            d503 = bench_death_to_503(standin, tmp, 5 if q else 15)
+            rs = bench_restart(model, tmp, rounds)
+            rows += [
+                ("stream throughput (events/s)", f"{med(tp.base):.1f}", f"{med(tp.guard):.1f}",
+                 tp.spread(), ">= 0.95"),
+                ("  guard CPU / worker CPU, streaming", "-", "-", f"{cpu_share:.2%}", "< 5%"),
+                ("non-stream latency, median (ms)", f"{lat_d:.2f}", f"{lat_g:.2f}",
+                 f"+{lat_added:.2f} ms (pair median)", "< +2 ms"),
+                ("death -> in-flight 503, median (ms)", "-", f"{d503:.1f}", "-", "< 100 ms"),
+                ("to serving: bare start vs restart (s)", f"{med(rs.base):.2f}",
+                 f"{med(rs.guard):.2f}", rs.spread(), "<= 1.5"),
+            ]  # fmt: skip
+        wg, detected = bench_wedge(model, tmp, rounds)
+        rows += [
+            ("wedge -> affected request's 503 (s)", "-", f"{med(detected):.2f}", "-", "-"),
+            ("to serving: bare start vs wedge (s)", f"{med(wg.base):.2f}", f"{med(wg.guard):.2f}",
+             wg.spread(), "<= 1.5"),
+        ]  # fmt: skip
     head = ("measure", "direct/bare", "guard", "ratio: median [q1-q3] (min-max) / delta", "target")
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(5)]
     for r in [head, *rows]:

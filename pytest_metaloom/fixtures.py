@@ -40,6 +40,7 @@ class SessionState:
         self.pool: Any = None
         self.records: list[dict[str, Any]] = []
         self.sysctl_cleanup = False
+        self.started_any = False
         self._sigterm_installed = False
 
     @property
@@ -55,6 +56,7 @@ class SessionState:
         """Register a server this session started; from then on SIGTERM runs finalizers."""
         self.arm_sigterm()
         self.servers.add(server)
+        self.started_any = True
         return server
 
     def owns(self, value: Any) -> bool:
@@ -89,6 +91,11 @@ class SessionState:
             with contextlib.suppress(Exception):
                 pool.close()
         self.stop_servers()
+        if self.started_any:  # claims left by killed processes (tests that SIGKILL on purpose)
+            from pytest_metaloom.server import ports
+
+            with contextlib.suppress(Exception):
+                ports.tidy()
         if self._sigterm_installed:
             with contextlib.suppress(ValueError):
                 if signal.getsignal(signal.SIGTERM) is _raise_interrupt:

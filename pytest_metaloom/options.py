@@ -195,10 +195,14 @@ def convert(option: Option, value: Any) -> Any:
         if isinstance(value, bool):
             return value
         return str(value).strip().lower() in {"1", "true", "yes", "on"}
-    if option.kind == "float":
-        return float(value)
-    if option.kind == "int":
-        return int(value)
+    if option.kind in ("float", "int"):
+        try:
+            return float(value) if option.kind == "float" else int(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{option.flag} (ini {option.ini}, env {option.env}) needs a "
+                f"{'number' if option.kind == 'float' else 'whole number'}, got {value!r}"
+            ) from None
     if option.kind == "csv":
         if isinstance(value, (list, tuple)):
             value = ",".join(value)

@@ -35,8 +35,11 @@ SIZE_UNITS: dict[str, int] = {
 binary units spelled ``KiB``... Case does not matter; a bare number is bytes."""
 UNIT_NAMES = ("B", "K", "KB", "M", "MB", "G", "GB", "T", "TB", "KiB", "MiB", "GiB", "TiB")
 
-SIZE_BASES = ("active", "peak", "limit")
-"""Names a size expression may start from, resolved inside the server (MLX's counters)."""
+SIZE_BASES = ("active", "allocated", "peak", "limit")
+"""Names a size expression may start from, resolved inside the server (MLX's counters):
+``active`` is active + cache memory, ``allocated`` the live arrays alone
+(``mx.get_active_memory()``), ``peak`` the allocator's high-water mark, ``limit`` the
+recommended working set (else RAM)."""
 
 LIMIT_KEYS = ("wired", "memory")
 """The two MLX limits a limits text sets: ``wired=SIZE,memory=SIZE``."""

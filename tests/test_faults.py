@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 
 from pytest_metaloom.inject.faults import (
+    BACKEND_TEXTS,
     FAULT_KINDS,
     PATHS,
     SEMANTICS,
     SITES,
+    VARIANTS,
     ChainState,
     FaultSpecError,
     abort_line,
@@ -27,6 +29,8 @@ EXAMPLES = [
     "25%gpu_hang(deferred)@seed=7",
     "1*alloc_too_large(bytes=68719476736,max=34359738368)@request=abc",
     "1*hang@site=prefill|decode;1*runtime_error@nth_request=2,after_tokens=5",
+    "1*unable_to_allocate(cuda)@site=cache,memory=allocated+1KiB",
+    "1*cmdbuf_oom(sync)@path=sequential",
     "50%3*gpu_victim@memory=0.9*limit,after_evals=10,nth_eval=12",
 ]
 
@@ -80,7 +84,10 @@ def test_parsed_structure() -> None:
         ("cmdbuf_oom(abrt)", "did you mean 'abort'?", 11),
         ("resource_limit(abort)", "does not fit 'resource_limit'", 15),
         ("runtime_error(deferred)", "does not fit 'runtime_error'", 14),
-        ("cmdbuf_oom(sync)", "does not fit 'cmdbuf_oom'", 11),
+        ("hang(sync,deferred)", "semantics given twice", 10),
+        ("resource_limit(cuda)", "has no 'cuda' variant", 15),
+        ("unable_to_allocate(cuda,metal)", "variant given twice", 24),
+        ("unable_to_allocate(cudda)", "did you mean 'cuda'?", 19),
         ("1*cmdbuf_oom@wired=12XB", "unknown size unit 'XB'", 19),
         ("1*cmdbuf_oom@wired=actve+1MB", "did you mean 'active'?", 19),
         ("cmdbuf_oom->off", "unreachable", 12),
@@ -136,6 +143,7 @@ FACT_TEXTS = {
 def test_command_buffer_texts(kind: str) -> None:
     assert message(kind, "abort") == FACT_TEXTS[kind]
     assert message(kind, "deferred") == FACT_TEXTS[kind] + "."
+    assert message(kind, "sync") == FACT_TEXTS[kind] + "."  # raised in Python: mlx >= 0.32
     assert abort_line(message(kind, "abort")) == (
         "libc++abi: terminating due to uncaught exception of type std::runtime_error: "
         + FACT_TEXTS[kind]
@@ -154,6 +162,36 @@ def test_allocator_texts() -> None:
         message("resource_limit", bytes=3)
     with pytest.raises(ValueError, match="does not fit"):
         message("alloc_too_large", "abort")
+
+
+# MLX's CUDA allocator (mlx/backend/cuda/allocator.cpp, 0.31.0 to 0.32.4): CHECK_CUDA_ERROR
+# throws "<call> failed: <cudaGetErrorString>"; the H200 run of mlx-oom-facts section 8 saw
+# the first one, character for character.
+CUDA_TEXTS = {
+    "cuda": "cudaMallocAsync(&data, size, stream) failed: out of memory",
+    "cuda_malloc": "cudaMalloc(&data, size) failed: out of memory",
+    "cuda_managed": "cudaMallocManaged(&data, size) failed: out of memory",
+    "cuda_host": "cudaMallocHost(&data, size) failed: out of memory",
+}
+
+
+@pytest.mark.parametrize("variant", list(CUDA_TEXTS))
+def test_cuda_variants_carry_mlx_cuda_allocator_texts(variant: str) -> None:
+    assert message("unable_to_allocate", variant=variant) == CUDA_TEXTS[variant]
+    term = parse_spec(f"1*unable_to_allocate({variant})").points[0].terms[0]
+    assert term.variant == variant and term.to_text() == f"1*unable_to_allocate({variant})"
+    assert BACKEND_TEXTS["unable_to_allocate"][variant] == CUDA_TEXTS[variant]
+
+
+def test_backend_texts_cover_every_gpu_kind_and_only_unable_to_allocate_has_cuda() -> None:
+    gpu = {k.name for k in FAULT_KINDS.values() if k.family in ("allocator", "command_buffer")}
+    assert set(BACKEND_TEXTS) == gpu
+    for kind, texts in BACKEND_TEXTS.items():
+        assert texts["metal"] and message(kind).startswith(texts["metal"])
+        assert ("cuda" in texts) == (kind == "unable_to_allocate")
+    assert set(VARIANTS) == set(BACKEND_TEXTS["unable_to_allocate"])
+    with pytest.raises(ValueError, match="has no 'cuda' variant"):
+        message("cmdbuf_oom", "deferred", "cuda")
 
 
 def test_status_and_oom_classification() -> None:
@@ -190,7 +228,12 @@ def test_resolved_semantics_by_family() -> None:
 
 # ---------------------------------------------------------------------- sizes
 
-BASE = {"active": 100 * 2**20, "peak": 200 * 2**20, "limit": 1000 * 2**20}
+BASE = {
+    "active": 100 * 2**20,
+    "allocated": 90 * 2**20,
+    "peak": 200 * 2**20,
+    "limit": 1000 * 2**20,
+}
 
 
 @pytest.mark.parametrize(
@@ -205,6 +248,7 @@ BASE = {"active": 100 * 2**20, "peak": 200 * 2**20, "limit": 1000 * 2**20}
         ("1TiB", 2**40),
         ("0.9*limit", int(0.9 * BASE["limit"])),
         ("active+2MiB", BASE["active"] + 2 * 2**20),
+        ("allocated+1KiB", BASE["allocated"] + 1024),
         ("peak-1MB", BASE["peak"] - 10**6),
         ("limit", BASE["limit"]),
     ],

@@ -28,6 +28,8 @@ import pytest
 from pytest_metaloom.guard import Guard, GuardConfigError, guard_command
 from pytest_metaloom.guard.causes import classify_exit
 from pytest_metaloom.guard.cli import main as guard_main
+from pytest_metaloom.guard.evidence import read_failure
+from pytest_metaloom.guard.failures import decide
 from pytest_metaloom.guard.watchdog import SEND, Watch, Watchdog
 from pytest_metaloom.guard.worker import worker_argv
 
@@ -61,7 +63,16 @@ STANDIN_SRC = textwrap.dedent(
     if start == "exit":
         sys.stderr.write("stand-in: cannot load model\\n")
         sys.exit(3)
-    time.sleep(float(os.environ.get("STANDIN_DELAY", "0")))
+    held = os.environ.get("STANDIN_HOLD")  # a folder: every start after the first waits for
+    if held:                                # held/open (bounded), so a test can watch a restart
+        os.makedirs(held, exist_ok=True)
+        earlier = [n for n in os.listdir(held) if n.startswith("started-")]
+        open(os.path.join(held, "started-%d" % os.getpid()), "w").close()
+        deadline = time.monotonic() + 120
+        while earlier and not os.path.exists(os.path.join(held, "open")):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
     if os.environ.get("STANDIN_CHILD"):
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
         with open(os.environ["STANDIN_CHILD"], "w") as f:
@@ -110,12 +121,18 @@ STANDIN_SRC = textwrap.dedent(
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()
+            gate_seen = None
             for i in range(int(req.get("events", 3))):
                 if behave == "abort_mid" and i == int(req.get("die_at", 2)):
                     die_abort()
-                self.wfile.write(b"data: " + json.dumps({"i": i}).encode() + b"\\n\\n")
+                if behave == "gated" and i == 1:  # wait (bounded) until the client read event 0
+                    deadline = time.monotonic() + 60
+                    while not os.path.exists(req["gate"]) and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    gate_seen = os.path.exists(req["gate"])
+                event = {"i": i, "gate_seen": gate_seen}
+                self.wfile.write(b"data: " + json.dumps(event).encode() + b"\\n\\n")
                 self.wfile.flush()
-                time.sleep(float(req.get("gap", 0.0)))
             self.wfile.write(b"data: [DONE]\\n\\n")
 
     HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
@@ -239,6 +256,65 @@ def test_guard_command_builds_argv() -> None:
     assert argv[argv.index("--") + 1 :] == ["mlx_lm.server", "--model", "m"]
 
 
+LOOP_DEATH_LOG = """\
+2026-12-02 00:32:58,461 - ERROR - mlx_lm.server generation thread died: [metal::malloc] \
+Resource limit (499000) exceeded.
+Traceback (most recent call last):
+  File "mlx_lm/server.py", line 544, in _run_generate
+RuntimeError: [metal::malloc] Resource limit (499000) exceeded.
+"""
+
+
+def _traceback(last: str) -> str:
+    return f'Traceback (most recent call last):\n  File "x.py", line 1, in f\n{last}\n'
+
+
+def test_read_failure_tells_the_loops_death_from_a_request_error() -> None:
+    died = read_failure(LOOP_DEATH_LOG)
+    assert died is not None and died.loop_died and died.is_oom
+    assert died.kind == "resource_limit" and died.device_failure
+    cuda_text = "RuntimeError: cudaMallocAsync(&data, size, stream) failed: out of memory"
+    cuda = read_failure(_traceback(cuda_text))
+    assert cuda is not None and not cuda.loop_died and cuda.is_oom
+    assert cuda.kind == "unable_to_allocate"
+    bug = read_failure(_traceback("ValueError: bad template"))
+    assert bug is not None and bug.kind == "runtime_error" and not bug.device_failure
+    # a handler that only noticed an earlier death, or a client that left: not this request's
+    assert read_failure(_traceback("RuntimeError: generation thread died")) is None
+    assert read_failure(_traceback("BrokenPipeError: [Errno 32] Broken pipe")) is None
+    assert read_failure("INFO - Prompt processing progress: 10/11\n") is None
+
+
+def test_decide_answers_by_what_was_proven() -> None:
+    from pytest_metaloom.guard.diagnose import SERVING, UNKNOWN, WEDGED, Health
+
+    wedged, serving = Health(WEDGED, "its /health answered 503"), Health(SERVING, "ok")
+    oom = read_failure(LOOP_DEATH_LOG)
+    bug = read_failure(_traceback("ValueError: bad template"))
+    timeout_text = (
+        "RuntimeError: [METAL] Command buffer execution failed: Caused GPU Timeout Error "
+        "(00000002:kIOGPUCommandBufferCallbackErrorTimeout)."
+    )
+    gpu = read_failure(_traceback(timeout_text))
+    r = decide(wedged, oom, said_wedged=False)
+    assert (r.status, r.retry, r.cause.kind) == (503, False, "wedged") and r.retry_after
+    assert json.loads(r.body)["error"]["error_kind"] == "resource_limit"
+    r = decide(wedged, bug, said_wedged=False)
+    assert (r.status, r.cause.kind) == (500, "wedged")
+    r = decide(Health(UNKNOWN, "timed out"), None, said_wedged=True)
+    assert (r.status, r.retry, r.cause.kind) == (503, True, "wedged")
+    r = decide(serving, oom, said_wedged=False)
+    assert (r.status, r.cause.kind) == (503, "resource_limit")  # recycled: memory is suspect
+    r = decide(serving, gpu, said_wedged=False)
+    assert (r.status, r.cause) == (503, None)
+    r = decide(serving, bug, said_wedged=False)
+    assert (r.status, r.cause, r.retry_after) == (500, None, False)
+    r = decide(serving, None, said_wedged=False)
+    assert (r.status, json.loads(r.body)["error"]["code"]) == (502, "empty_response")
+    r = decide(Health(UNKNOWN, "timed out"), None, said_wedged=False)
+    assert (r.status, r.cause) == (503, None) and r.retry_after
+
+
 # ---- the watchdog on real sockets ---------------------------------------------------------
 
 
@@ -260,8 +336,9 @@ def test_watchdog_cuts_a_silent_worker_only_when_the_check_says_so() -> None:
         took = time.monotonic() - t0
         assert w.fired == "hang"
         assert len(calls) == 2  # healthy once, then cut after a second full silent period
-        assert 0.3 <= calls[0] - t0 < 0.6 and calls[1] - calls[0] >= 0.3, (t0, calls)
-        assert took < 1.2, took
+        # lower bounds only: the checks cannot come early, however loaded the machine is
+        assert calls[0] - t0 >= 0.3 and calls[1] - calls[0] >= 0.3, (t0, calls)
+        assert took >= 0.6, took
         dog.unwatch(w)
     finally:
         dog.stop()
@@ -282,7 +359,7 @@ def test_watchdog_cuts_a_client_that_stops_reading() -> None:
         with pytest.raises(OSError):
             client.sendall(b"x" * (64 * 1024 * 1024))  # far more than the socket buffers hold
         assert w.client_cut and w.fired is None
-        assert 0.3 <= time.monotonic() - t0 < 1.5
+        assert time.monotonic() - t0 >= 0.3
         dog.unwatch(w)
     finally:
         dog.stop()
@@ -308,7 +385,7 @@ def test_watchdog_sleeps_while_nothing_is_relayed() -> None:
 
 def test_proxies_methods_and_reports_health(guards, standin) -> None:
     g = guards(standin)
-    assert g.wait_serving(20)
+    assert g.wait_serving()
     code, _, body = call(g.url, "/v1/completions", {"prompt": "hi"})
     assert code == 200
     assert json.loads(body)["echo"] == "hi"
@@ -324,22 +401,32 @@ def test_proxies_methods_and_reports_health(guards, standin) -> None:
     assert status["restarts"] == 0 and status["last_cause"] is None
 
 
-def test_stream_reaches_client_incrementally(guards, standin) -> None:
+def test_stream_reaches_client_incrementally(guards, standin, tmp_path) -> None:
+    """The worker sends event 1 only after the client has read event 0 through the guard (a
+    file gate, no clock): a guard that buffered would make the worker give up waiting."""
     g = guards(standin)
-    assert g.wait_serving(20)
-    t0 = time.monotonic()
-    code, events = stream_events(g.url, {"stream": True, "events": 5, "gap": 0.3})
-    assert code == 200
-    assert [e for _, e in events][-1] == "[DONE]"
-    assert len(events) == 6
-    first, last = events[0][0] - t0, events[-1][0] - t0
-    # The worker needs >= 1.5 s for 5 events; the first must arrive long before that.
-    assert first < 0.5 and last > 1.2, (first, last)
+    assert g.wait_serving()
+    gate = tmp_path / "client-read-event-0"
+    body = {"stream": True, "events": 4, "behave": "gated", "gate": str(gate)}
+    host, port = g.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=90)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode())
+        resp = conn.getresponse()
+        assert resp.status == 200
+        first = resp.fp.readline()
+        assert json.loads(first[6:])["i"] == 0
+        gate.touch()
+        rest = [ln[6:].strip() for ln in resp.fp.read().split(b"\n") if ln.startswith(b"data: ")]
+    finally:
+        conn.close()
+    assert rest[-1] == b"[DONE]"
+    assert [json.loads(e)["gate_seen"] for e in rest[:-1]] == [True, True, True]
 
 
 def test_abort_in_flight_gets_503_with_cause_then_restart(guards, standin) -> None:
     g = guards(standin, backoff=0.05)
-    assert g.wait_serving(20)
+    assert g.wait_serving()
     first_pid = g.status()["worker_pid"]
     code, headers, body = call(g.url, "/v1/chat/completions", {"behave": "abort_before"})
     assert code == 503
@@ -348,7 +435,7 @@ def test_abort_in_flight_gets_503_with_cause_then_restart(guards, standin) -> No
     assert err["exit_code"] == -6 and err["signal"] == "SIGABRT"
     assert "worker aborted (SIGABRT, rc -6): cmdbuf_oom" in err["message"]
     assert headers.get("Retry-After")
-    assert g.wait_serving(20)
+    assert g.wait_serving()
     code, _, body = call(g.url, "/v1/completions", {"prompt": "again"})
     assert code == 200 and json.loads(body)["pid"] != first_pid
     status = g.status()
@@ -362,7 +449,7 @@ def test_abort_in_flight_gets_503_with_cause_then_restart(guards, standin) -> No
 
 def test_abort_mid_stream_ends_with_error_event_and_done(guards, standin) -> None:
     g = guards(standin, backoff=0.05)
-    assert g.wait_serving(20)
+    assert g.wait_serving()
     body = {"stream": True, "events": 5, "behave": "abort_mid", "die_at": 2, "gap": 0.05}
     code, events = stream_events(g.url, body)
     assert code == 200
@@ -375,7 +462,7 @@ def test_abort_mid_stream_ends_with_error_event_and_done(guards, standin) -> Non
 
 def test_segfault_is_named(guards, standin) -> None:
     g = guards(standin, backoff=0.05)
-    assert g.wait_serving(20)
+    assert g.wait_serving()
     code, _, body = call(g.url, "/v1/completions", {"behave": "segv"})
     assert code == 503
     err = json.loads(body)["error"]
@@ -404,7 +491,7 @@ def test_restart_cap_holds_under_repeated_deaths(guards, standin) -> None:
     g = guards(standin, max_restarts=2, restart_window=60, backoff=0.05)
     codes = []
     for _ in range(4):
-        g.wait_serving(20)
+        g.wait_serving()
         codes.append(call(g.url, "/v1/completions", {"behave": "abort_before"})[0])
     assert codes == [503, 503, 503, 503]
     status = g.status()
@@ -417,15 +504,12 @@ def test_restart_cap_holds_under_repeated_deaths(guards, standin) -> None:
 
 def test_hang_watchdog_kills_and_restarts(guards, standin) -> None:
     g = guards(standin, hang_timeout=1.0, backoff=0.05)
-    assert g.wait_serving(20)
+    assert g.wait_serving()
     hung_pid = g.status()["worker_pid"]
-    t0 = time.monotonic()
-    code, _, body = call(g.url, "/v1/completions", {"behave": "hang"})
-    took = time.monotonic() - t0
+    code, _, body = call(g.url, "/v1/completions", {"behave": "hang"}, t=60)
     assert code == 503 and json.loads(body)["error"]["code"] == "hang"
-    assert took < 4.0, took  # 1 s silence + at most 1 s health probe + kill
     assert not _alive(hung_pid)
-    assert g.wait_serving(20)
+    assert g.wait_serving()
     assert call(g.url, "/v1/completions", {"prompt": "ok"})[0] == 200
     assert g.status()["last_cause"]["kind"] == "hang"
 
@@ -448,24 +532,28 @@ def _burst(url: str, n: int) -> list[tuple[int, Any]]:
     return results
 
 
-def test_burst_during_restart_gets_complete_answers(guards, standin) -> None:
-    g = guards(standin, env={"STANDIN_DELAY": "1.0"}, backoff=0.05)
-    assert g.wait_serving(20)
+def test_burst_during_restart_gets_complete_answers(guards, standin, tmp_path) -> None:
+    held = tmp_path / "held"
+    g = guards(standin, env={"STANDIN_HOLD": str(held)}, backoff=0.05)
+    assert g.wait_serving()
     assert call(g.url, "/v1/completions", {"behave": "abort_before"})[0] == 503
-    results = _burst(g.url, 20)
-    codes = [c for c, _ in results]
-    assert set(codes) <= {200, 503}, results
-    assert 503 in codes  # the restart takes >= 1 s, so the burst found no worker
-    for code, body in results:
-        if code == 503:
-            assert body["error"]["type"] in ("worker_unavailable", "worker_died")
+    results = _burst(g.url, 20)  # the replacement is held at its start: no worker to be had
+    (held / "open").touch()
+    assert [c for c, _ in results] == [503] * 20, results
+    for _, body in results:
+        assert body["error"]["type"] in ("worker_unavailable", "worker_died")
+    assert g.wait_serving()
 
 
-def test_queue_timeout_lets_burst_wait_for_restart(guards, standin) -> None:
-    g = guards(standin, env={"STANDIN_DELAY": "1.0"}, backoff=0.05, queue_timeout=15)
-    assert g.wait_serving(20)
+def test_queue_timeout_lets_burst_wait_for_restart(guards, standin, tmp_path) -> None:
+    held = tmp_path / "held"
+    g = guards(standin, env={"STANDIN_HOLD": str(held)}, backoff=0.05, queue_timeout=60)
+    assert g.wait_serving()
     assert call(g.url, "/v1/completions", {"behave": "abort_before"})[0] == 503
+    opener = threading.Timer(0.5, (held / "open").touch)  # not a bound: any delay works
+    opener.start()
     results = _burst(g.url, 20)
+    opener.join()
     assert [c for c, _ in results] == [200] * 20, results
 
 
@@ -477,7 +565,7 @@ def test_queue_timeout_retries_a_live_worker_with_a_full_backlog(guards, standin
     guard's 2 s connect timeout expires). Nothing was sent yet, so retrying is safe.
     """
     g = guards(standin, queue_timeout=15)
-    assert g.wait_serving(20)
+    assert g.wait_serving()
     busy = threading.Thread(
         target=call, args=(g.url, "/v1/completions", {"behave": "busy", "secs": 3})
     )
@@ -561,9 +649,8 @@ def test_sigkill_to_guard_never_orphans_worker(standin, tmp_path) -> None:
     try:
         proc.kill()
         proc.wait(5)
-        t0 = time.monotonic()
-        assert _gone_within([worker], 2.0), "worker outlived a SIGKILLed guard"
-        assert time.monotonic() - t0 < 2.0
+        # PR_SET_PDEATHSIG kills it at once; the bound only keeps a broken build from hanging
+        assert _gone_within([worker], 30.0), "worker outlived a SIGKILLed guard"
     finally:
         _cleanup([proc.pid, worker, grandchild])
 
@@ -604,7 +691,7 @@ def cached_tokens(reply: dict[str, Any]) -> int:
 
 def test_real_server_stream_and_plain_through_guard(guards, model_dir) -> None:
     g = guards([*MLX_SERVER, "--model", str(model_dir)], ready_timeout=90)
-    assert g.wait_serving(90)
+    assert g.wait_serving()
     code, reply = chat(g.url, "tell me a story")
     assert code == 200 and reply["usage"]["completion_tokens"] >= 1
     code, raw = chat(g.url, "tell me a story", stream=True)
@@ -630,7 +717,7 @@ def test_real_server_seed_scenario_abort_then_cold_cache(
     env = bootstrap_env(tmp_path / "inj", faults="1*cmdbuf_oom(abort)@request=boom")
     cmd = [*MLX_SERVER, "--model", str(model_dir)]
     g = guards(cmd, env=env, ready_timeout=90, backoff=0.05, warmup=warmup)
-    assert g.wait_serving(90)
+    assert g.wait_serving()
     prompt = "the quick brown fox jumps over the lazy dog " * 4
     assert chat(g.url, prompt)[0] == 200
     code, warm = chat(g.url, prompt)
@@ -642,7 +729,7 @@ def test_real_server_seed_scenario_abort_then_cold_cache(
     err = reply["error"]
     assert (err["type"], err["code"], err["exit_code"]) == ("worker_died", "cmdbuf_oom", -6)
 
-    assert g.wait_serving(90)
+    assert g.wait_serving()
     code, cold = chat(g.url, prompt)
     assert code == 200
     assert cached_tokens(cold) == (1 if warmup else 0)
@@ -650,3 +737,233 @@ def test_real_server_seed_scenario_abort_then_cold_cache(
     assert status["restarts"] == 1 and status["worker_pid"] != first_pid
     assert status["last_cause"]["kind"] == "cmdbuf_oom"
     assert "kIOGPUCommandBufferCallbackErrorOutOfMemory" in status["last_cause"]["line"]
+
+
+# ---- live workers that fail without dying: wedged, or closing without a response -----------
+
+from support import STANDINS  # noqa: E402
+
+WEDGING = [sys.executable, str(STANDINS / "wedging_worker.py")]
+CLOSING = [sys.executable, str(STANDINS / "closing_worker.py")]
+NON_OOM = "ValueError-free control failure: tokenizer state is inconsistent"
+
+
+def _health(g: Guard) -> tuple[int, dict[str, Any]]:
+    code, _, body = call(g.url, "/health")
+    return code, json.loads(body)
+
+
+def test_wedged_in_flight_gets_503_and_the_worker_is_replaced(guards, tmp_path) -> None:
+    """The loop dies under a non-stream request: 503 naming the wedge, log cause=wedged, new pid."""
+    starts = tmp_path / "starts"
+    env = {"STANDIN_STARTS": str(starts), "STANDIN_HOLD": "1"}
+    g = guards(WEDGING, env=env, backoff=0.05)
+    assert g.wait_serving()
+    first = g.status()["worker_pid"]
+    code, headers, body = call(g.url, "/v1/completions", {"behave": "wedge", "prompt": "a"})
+    assert code == 503, body
+    err = json.loads(body)["error"]
+    assert err["type"] == "worker_wedged" and err["code"] == "wedged"
+    assert err["error_kind"] == "resource_limit"
+    assert "Resource limit (499000) exceeded" in err["message"]
+    assert headers.get("Retry-After")
+    # The replacement is held at its start: the guard must not call anything serving meanwhile.
+    code, health = _health(g)
+    assert code == 503 and health["code"] == "wedged", health
+    assert call(g.url, "/v1/completions", {"prompt": "b"})[0] == 503
+    (starts / "open").touch()
+    assert g.wait_serving()
+    code, _, body = call(g.url, "/v1/completions", {"prompt": "c"})
+    assert code == 200 and json.loads(body)["pid"] != first
+    assert _health(g)[0] == 200
+    status = g.status()
+    assert status["restarts"] == 1 and status["last_cause"]["kind"] == "wedged"
+    log = g.log_lines.text()
+    assert f"worker pid={first} exited rc=-9 cause=wedged" in log
+    assert "its /health answered 503" in log and "generation loop died" in log
+
+
+def test_wedged_mid_stream_ends_with_error_event_and_done(guards) -> None:
+    g = guards(WEDGING, backoff=0.05)
+    assert g.wait_serving()
+    first = g.status()["worker_pid"]
+    body = {"stream": True, "events": 4, "behave": "wedge", "die_at": 2}
+    code, events = stream_events(g.url, body)
+    assert code == 200
+    texts = [e for _, e in events]
+    assert [json.loads(t)["i"] for t in texts[:2]] == [0, 1]
+    err = json.loads(texts[2])["error"]
+    assert err["code"] == "wedged" and err["type"] == "worker_wedged"
+    assert texts[3:] == ["[DONE]"]
+    assert g.wait_serving()
+    assert g.status()["worker_pid"] != first
+    assert g.status()["last_cause"]["kind"] == "wedged"
+
+
+def test_stream_failing_before_any_event_gets_a_status_line(guards) -> None:
+    """Nothing but the SSE head would have been sent: the guard held it, so a real 503 instead."""
+    g = guards(WEDGING, backoff=0.05)
+    assert g.wait_serving()
+    body = {"stream": True, "events": 3, "behave": "wedge", "die_at": 0, "keepalive": False}
+    code, _, raw = call(g.url, "/v1/chat/completions", body)
+    assert code == 503, raw
+    assert json.loads(raw)["error"]["code"] == "wedged"
+
+
+def test_quiet_wedge_health_never_lies_and_requests_wait_for_the_new_worker(
+    guards, tmp_path
+) -> None:
+    """The loop dies after answering: the guard's /health says 503, the next request is retried
+    on the replacement (it never reached a loop), and the worker's own 404 never leaks out."""
+    starts = tmp_path / "starts"
+    env = {"STANDIN_STARTS": str(starts), "STANDIN_HOLD": "1"}
+    g = guards(WEDGING, env=env, backoff=0.05, queue_timeout=60)
+    assert g.wait_serving()
+    first = g.status()["worker_pid"]
+    code, _, _ = call(g.url, "/v1/completions", {"behave": "wedge_quietly"})
+    assert code == 200  # that request was served; the loop died afterwards
+    code, health = _health(g)
+    assert code == 503, health  # the worker's own /health says 503: never a lying 200
+    results: list[Any] = []
+    waiter = threading.Thread(
+        target=lambda: results.append(call(g.url, "/v1/completions", {"prompt": "q"}, t=90))
+    )
+    waiter.start()
+    (starts / "open").touch()
+    waiter.join(90)
+    code, _, body = results[0]
+    assert code == 200 and json.loads(body)["pid"] != first
+    assert g.status()["last_cause"]["kind"] == "wedged"
+
+
+def test_request_on_a_wedged_worker_without_queue_gets_503_not_404(guards) -> None:
+    g = guards(WEDGING, backoff=0.05)
+    assert g.wait_serving()
+    assert call(g.url, "/v1/completions", {"behave": "wedge_quietly"})[0] == 200
+    # No /health in between: the request itself meets the wedged loop.
+    code, headers, body = call(g.url, "/v1/completions", {"prompt": "x"})
+    assert code == 503, body
+    err = json.loads(body)["error"]
+    assert err["code"] == "wedged" and "generation thread died" in err["message"]
+    assert headers.get("Retry-After")
+    assert g.wait_serving()
+    assert call(g.url, "/v1/completions", {"prompt": "y"})[0] == 200
+
+
+def test_non_memory_wedge_answers_500_and_still_replaces_the_worker(guards) -> None:
+    g = guards(WEDGING, backoff=0.05)
+    assert g.wait_serving()
+    first = g.status()["worker_pid"]
+    code, _, body = call(g.url, "/v1/completions", {"behave": "wedge", "error": NON_OOM})
+    assert code == 500, body
+    err = json.loads(body)["error"]
+    assert err["code"] == "internal_error" and NON_OOM in err["message"]
+    assert g.wait_serving()
+    assert g.status()["worker_pid"] != first
+
+
+def test_survived_oom_is_503_and_recycles_the_worker(guards) -> None:
+    """The handler failed with an out-of-memory error but the loop lives (sequential path):
+    503, and a fresh worker so the next request starts on empty caches."""
+    g = guards(WEDGING, backoff=0.05)
+    assert g.wait_serving()
+    first = g.status()["worker_pid"]
+    code, headers, body = call(g.url, "/v1/completions", {"behave": "fail"})
+    assert code == 503, body
+    err = json.loads(body)["error"]
+    assert err["type"] == "worker_failed" and err["code"] == "resource_limit"
+    assert headers.get("Retry-After")
+    assert g.wait_serving()
+    assert g.status()["worker_pid"] != first
+    assert g.status()["last_cause"]["kind"] == "resource_limit"
+
+
+def test_non_memory_request_error_is_500_and_the_worker_kept(guards) -> None:
+    g = guards(WEDGING, backoff=0.05)
+    assert g.wait_serving()
+    first = g.status()["worker_pid"]
+    code, _, body = call(g.url, "/v1/completions", {"behave": "fail", "error": NON_OOM})
+    assert code == 500, body
+    assert json.loads(body)["error"]["code"] == "internal_error"
+    code, events = stream_events(g.url, {"stream": True, "behave": "fail", "error": NON_OOM})
+    texts = [e for _, e in events]
+    assert code == 200 and json.loads(texts[0])["error"]["code"] == "internal_error"
+    assert texts[-1] == "[DONE]"
+    assert g.status()["worker_pid"] == first and g.status()["restarts"] == 0
+
+
+def test_watchdog_kills_a_hung_loop_but_not_a_busy_one(guards) -> None:
+    """Both are silent past hang_timeout and neither could finish a one-token probe; only the
+    hung one uses no CPU, so only it is probed and replaced."""
+    g = guards(WEDGING, backoff=0.05, hang_timeout=0.5, probe_timeout=0.5)
+    assert g.wait_serving()
+    code, _, body = call(g.url, "/v1/completions", {"behave": "busy", "secs": 3})
+    assert code == 200, body
+    assert g.status()["restarts"] == 0
+    code, _, body = call(g.url, "/v1/completions", {"behave": "hang"}, t=60)
+    assert code == 503 and json.loads(body)["error"]["code"] == "hang", body
+    assert "of a CPU before the probes" in g.status()["last_cause"]["line"]
+    assert g.wait_serving()
+
+
+def test_closing_worker_that_cannot_be_shown_healthy_gets_503(guards) -> None:
+    """Every completion after the warm-up is closed unanswered, the probe's too: 503 with
+    Retry-After, never 502, and the worker is replaced."""
+    g = guards([*CLOSING, "--answer-first", "1"], backoff=0.05)
+    assert g.wait_serving()
+    first = g.status()["worker_pid"]
+    code, headers, body = call(g.url, "/v1/completions", {"prompt": "x"})
+    assert code == 503, body
+    err = json.loads(body)["error"]
+    assert err["code"] == "wedged" and "closed without a response" in err["message"]
+    assert headers.get("Retry-After")
+    assert g.wait_serving()
+    assert g.status()["worker_pid"] != first
+
+
+def test_closing_worker_proven_healthy_gets_502_and_is_kept(guards) -> None:
+    g = guards([*CLOSING, "--close-marked"], backoff=0.05)
+    assert g.wait_serving()
+    first = g.status()["worker_pid"]
+    code, headers, body = call(g.url, "/v1/completions", {"close": True})
+    assert code == 502, body
+    err = json.loads(body)["error"]
+    assert err["code"] == "empty_response" and "healthy" in err["message"]
+    assert "Retry-After" not in headers
+    assert call(g.url, "/v1/completions", {"prompt": "x"})[0] == 200
+    assert g.status()["worker_pid"] == first and g.status()["restarts"] == 0
+
+
+# ---- the matrix through the guard: stock rows that wedge the worker ------------------------
+
+
+@pytest.mark.timeout(900)
+def test_matrix_wedging_rows_on_stock_are_graceful_through_the_guard(pytester) -> None:
+    """Stock mlx-lm 0.32.2 wedges on batched synchronous and deferred errors. Behind the guard
+    each row must be graceful: the affected request answered (503, or 500 for the non-memory
+    control), the worker replaced (cache empty by construction), /health never 200 for the
+    wedged worker, recovery 200."""
+    report = pytester.path / "report.json"
+    result = pytester.runpytest_subprocess(
+        "-p",
+        "no:cacheprovider",
+        "--metal-oom",
+        "--metaloom-guard",
+        f"--metaloom-report={report}",
+        "--metaloom-paths=batched",
+        "--metaloom-semantics=sync,deferred",
+        "--metaloom-faults=resource_limit,cmdbuf_oom,runtime_error",
+        "-k",
+        "not cycles",
+    )
+    rows = json.loads(report.read_text())["scenarios"]
+    assert {r["semantics"] for r in rows} == {"sync", "deferred"}, rows
+    for row in rows:
+        facts = row["facts"]
+        assert row["outcome"] == "graceful", row
+        assert row["guard"] is True and facts["fired"]
+        assert facts["status"] == (500 if row["fault"] == "runtime_error" else 503), row
+        assert facts["worker_restarted"], row  # the wedged worker was replaced
+        assert facts["health_after_fault"] == 503, row  # never a lying 200
+        assert set(facts["recovery_statuses"]) == {200}, row
+    assert result.ret == pytest.ExitCode.OK

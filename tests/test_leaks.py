@@ -33,6 +33,8 @@ def record(server):
     with open(PID_FILE, "a") as handle:
         handle.write("".join(f"{{p.pid}}\\n" for p in procs))
         handle.flush()
+    with open(PID_FILE + ".control", "w") as handle:
+        handle.write(server.injector.control_path if server.injector else "")
 
 @pytest.fixture
 def server(mlx_server_factory):
@@ -149,6 +151,13 @@ def test_no_leak_when_pytest_is_sigkilled(pytester, model_dir):
         if proc.poll() is None:
             proc.kill()
     assert _survivors(pid_file) == []
+    # a control socket outside the run dir (its path was too long) is removed by the reaper
+    control = Path(Path(str(pid_file) + ".control").read_text())
+    assert control.parent.name.startswith("mlm-"), "the case no longer needs a short socket dir"
+    end = time.monotonic() + 15
+    while control.parent.exists() and time.monotonic() < end:
+        time.sleep(0.2)
+    assert not control.parent.exists(), f"{control.parent} was left behind"
 
 
 @pytest.mark.parametrize(

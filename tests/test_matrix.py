@@ -6,7 +6,13 @@ import pytest
 
 from pytest_metaloom.inject.faults import FAULT_KINDS, PATHS, SITES
 from pytest_metaloom.matrix.runner import ScenarioRunner
-from pytest_metaloom.matrix.scenarios import STREAM_MODES, Scenario, build_matrix
+from pytest_metaloom.matrix.scenarios import (
+    MEMORY_LIMIT,
+    STREAM_MODES,
+    TOOL_LOOP_MEMORY,
+    Scenario,
+    build_matrix,
+)
 
 
 def test_default_matrix_covers_every_dimension_without_the_cross_product():
@@ -20,15 +26,20 @@ def test_default_matrix_covers_every_dimension_without_the_cross_product():
     assert {s.stream for s in singles} == {True, False}
     assert {s.site for s in singles} == set(SITES)
     assert {s.workload for s in scenarios} == {"single", "tool_loop", "cycles"}
-    for kind in FAULT_KINDS:  # both semantics of every command-buffer kind
+    for kind in FAULT_KINDS:  # both MLX semantics of every command-buffer kind
         sems = {s.semantics for s in singles if s.fault == kind}
-        assert sems == set(FAULT_KINDS[kind].allowed_semantics)
+        expected = set(FAULT_KINDS[kind].allowed_semantics)
+        if FAULT_KINDS[kind].family == "command_buffer":
+            expected = {"abort", "deferred"}  # sync is explicit only
+        assert sems == expected
     assert len({s.id for s in scenarios}) == len(scenarios)
 
 
 def test_full_matrix_is_the_cross_product():
     full = [s for s in build_matrix(full=True) if s.workload == "single"]
-    per_kind = {k: len(v.allowed_semantics) for k, v in FAULT_KINDS.items()}
+    per_kind = {
+        k: len(v.allowed_semantics) - (v.family == "command_buffer") for k, v in FAULT_KINDS.items()
+    }
     expected = sum(per_kind.values()) * len(PATHS) * len(STREAM_MODES) * len(SITES)
     assert len(full) == expected
 
@@ -50,6 +61,27 @@ def test_specs_target_one_request_and_parse():
         parse_spec(spec)
         if scenario.workload == "single":
             assert "request=req-1" in spec and f"site={scenario.site}" in spec
+
+
+def test_default_matrix_is_memory_caused_and_counts_stay_an_option():
+    for scenario in build_matrix():
+        spec = scenario.spec("req-1")
+        if scenario.workload == "tool_loop":
+            assert f"memory={TOOL_LOOP_MEMORY}" in spec
+        else:
+            assert f"memory={MEMORY_LIMIT}" in spec
+    for scenario in build_matrix(trigger="count"):
+        if scenario.workload != "tool_loop":  # the tool loop is about growing memory
+            assert "memory=" not in scenario.spec("req-1")
+    with pytest.raises(ValueError, match="did you mean 'count'"):
+        build_matrix(trigger="cuont")
+
+
+def test_command_buffer_sync_rows_only_when_asked_and_explicit_in_the_spec():
+    rows = build_matrix(faults=["cmdbuf_oom"], semantics=["sync"])
+    assert rows and all(s.semantics == "sync" for s in rows)
+    assert all("cmdbuf_oom(sync)" in s.spec("r") for s in rows)
+    assert "resource_limit@" in build_matrix(faults=["resource_limit"])[0].spec("r")
 
 
 def test_same_seed_same_requests():

@@ -284,6 +284,13 @@ def test_url_mode_reuses_a_running_server_and_fails_clearly_when_nothing_listens
     result.stdout.fnmatch_lines(["*nothing answers at*"])
 
 
+def test_a_bad_option_value_is_a_usage_error_naming_where_it_came_from(pytester, monkeypatch):
+    monkeypatch.setenv("PYTEST_METALOOM_DEADLINE", "soon")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--metal-oom")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--metaloom-deadline*PYTEST_METALOOM_DEADLINE*'soon'*"])
+
+
 def test_bad_matrix_filter_is_a_usage_error(pytester):
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "--metal-oom", "--metaloom-faults=cmdbuf_om"

@@ -222,3 +222,23 @@ def test_a_server_that_loses_its_port_starts_again_on_another(tmp_path, claims, 
             assert "Address already in use" in (tmp_path / "mlx-server.1.log").read_text()
         finally:
             server.stop()
+
+
+def test_tidy_sweeps_dead_claims_and_the_empty_directory(claims):
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    mine = ports.claim_free_port()
+    (claims / "4243.lock").write_text(dead.stdout.strip())
+    ports.tidy()
+    assert sorted(p.name for p in claims.iterdir()) == [f"{mine}.lock"]  # a live claim stays
+    ports.release_port(mine)
+    ports.tidy()
+    assert not claims.exists()

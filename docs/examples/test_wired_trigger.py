@@ -1,7 +1,7 @@
 """The seed report as a test: a tool loop grows the KV cache until it crosses a lowered limit.
 
 The trigger is memory, not a request id: the command-buffer OOM fires on the first
-evaluation after which MLX's active + cache memory exceeds the model plus 1 MiB.
+evaluation that would take MLX's active + cache memory past the model plus 1 MiB.
 """
 
 from pytest_metaloom.judge import workload

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import GuardConfig, GuardConfigError, option_names
-from .proxy import GuardServer
-from .supervisor import SERVING, Supervisor
+from pytest_metaloom.guard.config import GuardConfig, GuardConfigError, option_names
+from pytest_metaloom.guard.proxy import GuardServer
+from pytest_metaloom.guard.supervisor import FAILED, SERVING, Supervisor
 
 
 class Guard:
@@ -72,12 +72,19 @@ class Guard:
         self.supervisor.start()
         return self
 
-    def wait_serving(self, timeout: float) -> bool:
-        """True once a worker is ready behind the guard; False after ``timeout`` seconds."""
+    def wait_serving(self, timeout: float | None = None) -> bool:
+        """True once a worker is ready behind the guard; False if the guard gave up or time ran out.
+
+        Without ``timeout`` the bound is the guard's own: the longest a restart may take
+        (the backoff ceiling, the old worker's stop, the new one's ``ready_timeout``).
+        """
+        cfg = self.config
+        if timeout is None:
+            timeout = cfg.backoff_max + cfg.stop_timeout + cfg.ready_timeout + 5.0
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.supervisor.state == SERVING:
-                return True
+            if self.supervisor.state == FAILED:
+                return False
             if self.supervisor.acquire(min(0.2, max(0.0, deadline - time.monotonic()))):
                 return True
         return self.supervisor.state == SERVING

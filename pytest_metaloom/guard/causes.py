@@ -48,13 +48,18 @@ class Cause:
     signal: str | None
     line: str = ""
     time: float = field(default_factory=time.time)
+    forced: bool = False  # the guard ended the worker itself (watchdog, wedge, readiness, recycle)
 
     def describe(self) -> str:
         """Short human text, e.g. ``worker aborted (SIGABRT, rc -6): cmdbuf_oom``."""
-        if self.kind in ("hang", "wedged"):
-            return f"worker {self.kind}: killed by the guard watchdog"
+        if self.kind == "hang":
+            return "worker hung: killed by the guard watchdog"
+        if self.kind == "wedged":
+            return f"worker wedged ({self.line}): replaced by the guard"
         if self.kind == "not_ready":
             return "worker did not become ready in time"
+        if self.forced:
+            return f"worker replaced after {self.kind} ({self.line})"
         verb = {
             "SIGABRT": "aborted",
             "SIGSEGV": "crashed",
@@ -112,5 +117,5 @@ def classify_exit(returncode: int | None, stderr_tail: str) -> Cause:
 
 
 def forced_cause(kind: str, line: str) -> Cause:
-    """A cause the guard decided itself (watchdog kill, readiness timeout)."""
-    return Cause(kind=kind, exit_code=None, signal=None, line=line)
+    """A cause the guard decided itself (watchdog kill, wedge, readiness timeout, recycle)."""
+    return Cause(kind=kind, exit_code=None, signal=None, line=line[:500], forced=True)

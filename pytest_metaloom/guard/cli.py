@@ -8,8 +8,8 @@ import sys
 import threading
 from pathlib import Path
 
-from .app import Guard
-from .config import GuardConfig, GuardConfigError
+from pytest_metaloom.guard.app import Guard
+from pytest_metaloom.guard.config import GuardConfig, GuardConfigError
 
 USAGE = "metaloom-guard [--host H] --port N [options] -- WORKER COMMAND..."
 
@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=d.hang_timeout,
         help="seconds without a byte before the watchdog probes /health (0: off)",
+    )
+    p.add_argument(
+        "--probe-timeout",
+        type=float,
+        default=d.probe_timeout,
+        help="bound on each check of a worker suspected wedged (/health, one-token completion)",
     )
     p.add_argument("--ready-timeout", type=float, default=d.ready_timeout, help="seconds")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip warm-up request")

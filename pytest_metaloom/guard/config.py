@@ -26,6 +26,7 @@ class GuardConfig:
     backoff_max: float = 10.0
     queue_timeout: float = 0.0
     hang_timeout: float = 600.0
+    probe_timeout: float = 5.0
     ready_timeout: float = 180.0
     warmup: bool = True
     warmup_path: str = "/v1/completions"
@@ -43,7 +44,13 @@ class GuardConfig:
             )
         if not 0 <= self.port <= 65535:
             raise GuardConfigError(f"--port {self.port} is out of range: use 0..65535")
-        positive = ("restart_window", "backoff_max", "ready_timeout", "stop_timeout")
+        positive = (
+            "restart_window",
+            "backoff_max",
+            "ready_timeout",
+            "stop_timeout",
+            "probe_timeout",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise GuardConfigError(f"--{name.replace('_', '-')} must be > 0")

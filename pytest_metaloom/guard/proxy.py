@@ -7,6 +7,12 @@ TCP_NODELAY on both legs), so streams keep their timing.
 
 Both sockets block while a request is relayed (one ``recv`` and one ``send`` per chunk, nothing
 else); the bounds on a silent worker and a stalled client live in ``watchdog.Watchdog``.
+
+A worker that stays alive but fails a request (closes without a response, cuts a stream, or
+answers with its own word that its generation loop died) is diagnosed before the client is
+answered: wedged workers are replaced like dead ones (``failures.decide`` says how to answer).
+An SSE response head is held back until the first body byte, so a stream that fails before
+sending anything still gets a real status line.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from . import probe
-from .causes import Cause, forced_cause
-from .supervisor import Supervisor, WorkerRun
-from .watchdog import RECV, SEND, Watch, Watchdog
+from pytest_metaloom.guard import diagnose, probe
+from pytest_metaloom.guard.causes import Cause, forced_cause
+from pytest_metaloom.guard.evidence import read_failure, says_wedged
+from pytest_metaloom.guard.failures import Reply, cause_error, death_reply, decide, error_body
+from pytest_metaloom.guard.supervisor import Supervisor, WorkerRun
+from pytest_metaloom.guard.watchdog import RECV, SEND, Watch, Watchdog
 
 # Headers that describe one hop, not the message (RFC 9110 §7.6.1); never forwarded as-is.
 _HOP_BY_HOP = {
@@ -36,8 +44,10 @@ _HOP_BY_HOP = {
 }
 _MAX_HEADER_BYTES = 65536
 _RECV = 65536
+# Error answers up to this size are read whole before relaying, to spot a wedged worker's words.
+_ERROR_BODY_LIMIT = 65536
 # How long a handler waits, after its worker socket closed early, for the reaper to confirm a death.
-_DEATH_GRACE = 1.0
+_DEATH_GRACE = diagnose.DEATH_GRACE
 _CONNECT_TIMEOUT = 2.0
 # Bound on reading a request from / writing a response to a slow client.
 _CLIENT_TIMEOUT = 120.0
@@ -53,27 +63,6 @@ class _WorkerLost(Exception):
     def __init__(self, cause: Cause | None) -> None:
         super().__init__(cause.describe() if cause else "worker connection lost")
         self.cause = cause
-
-
-def error_body(kind: str, message: str, code: str, **extra: Any) -> bytes:
-    """The structured error both the 503 body and the SSE error event carry."""
-    err: dict[str, Any] = {"message": message, "type": kind, "code": code}
-    err.update({k: v for k, v in extra.items() if v is not None})
-    return json.dumps({"error": err}).encode()
-
-
-def _cause_error(cause: Cause | None) -> bytes:
-    if cause is None:
-        return error_body(
-            "worker_died", "worker connection closed before the response was complete", "unknown"
-        )
-    return error_body(
-        "worker_died",
-        f"{cause.describe()}; the request was not completed, retry it",
-        cause.kind,
-        exit_code=cause.exit_code,
-        signal=cause.signal,
-    )
 
 
 class GuardServer(ThreadingHTTPServer):
@@ -93,31 +82,15 @@ class GuardServer(ThreadingHTTPServer):
         self.watchdog.stop()
 
     def _on_hang(self, watch: Watch) -> str | None:
-        """No byte for ``hang_timeout``: if the worker's /health is silent too, kill and restart."""
+        """No byte for ``hang_timeout``: replace the worker only if it is proven hung or wedged."""
         run: WorkerRun = watch.context
         sup = self.supervisor
-        hang = sup.config.hang_timeout
-        status = probe.request(run.port, sup.config.health_path, timeout=min(5.0, hang))
-        if status == 200:
-            # /health only says the HTTP threads live; a generation thread stuck in an
-            # evaluation leaves it at 200. A one-token completion proves generation.
-            generated = probe.request(
-                run.port,
-                sup.config.warmup_path,
-                method="POST",
-                body=sup.config.warmup_body,
-                timeout=min(5.0, hang),
-            )
-            if generated == 200:
-                return None
-            kind = "hang"
-            said = "answers 200 but a one-token completion did not finish"
-        else:
-            kind = "hang" if status is None else "wedged"
-            said = "did not answer" if status is None else f"answered {status}"
-        line = f"no byte from the worker for {hang:g}s and its /health {said}"
-        if run.force_kill(forced_cause(kind, line)):
-            sup.log(f"watchdog: {line}; killing worker pid={run.worker.pid}")
+        found = diagnose.hang_check(run, sup.config)
+        if found is None:
+            return None
+        kind, evidence = found
+        line = f"no byte from the worker for {sup.config.hang_timeout:g}s and {evidence}"
+        sup.retire(run, forced_cause(kind, line))  # logs the evidence
         return kind
 
 
@@ -159,30 +132,49 @@ class GuardHandler(BaseHTTPRequestHandler):
             pass
 
     def _health(self) -> None:
+        """200 only while a worker is serving and its own /health agrees; else 503 and why."""
         sup = self.server.supervisor
+        run = sup.acquire(0)
+        if run is not None:
+            cfg = sup.config
+            answer = probe.call(run.port, cfg.health_path, timeout=cfg.probe_timeout)
+            if answer.ok:
+                status = sup.status()
+                body = {
+                    "status": "ok",
+                    "worker_pid": run.worker.pid,
+                    "restarts": status["restarts"],
+                }
+                self._send_json(200, json.dumps(body).encode())
+                return
+            health = diagnose.check(run, cfg)
+            if health.state == diagnose.WEDGED:
+                sup.retire(run, forced_cause("wedged", health.evidence))
+            elif health.state != diagnose.DEAD:
+                body = {
+                    "status": "unavailable",
+                    "state": "unverified",
+                    "reason": f"the worker is not proven serving: {health.evidence}",
+                    "code": "worker_unhealthy",
+                }
+                self._send_json(503, json.dumps(body).encode(), {"Retry-After": "1"})
+                return
+            run.died.wait(_DEATH_GRACE)  # let the reaper name the cause the answer reports
         status = sup.status()
-        if sup.acquire(0) is not None:
-            body = {
-                "status": "ok",
-                "worker_pid": status["worker_pid"],
-                "restarts": status["restarts"],
-            }
-            self._send_json(200, json.dumps(body).encode())
-            return
         code, message, retry = sup.unavailable_reason()
         body = {"status": "unavailable", "state": status["state"], "reason": message, "code": code}
         headers = {"Retry-After": str(retry)} if retry else None
         self._send_json(503, json.dumps(body).encode(), headers)
 
-    def _unavailable(self, extra_cause: Cause | None = None) -> None:
+    def _unavailable(self) -> None:
         sup = self.server.supervisor
         code, message, retry = sup.unavailable_reason()
-        if extra_cause is not None:
-            body = _cause_error(extra_cause)
-        else:
-            body = error_body("worker_unavailable", message, code)
+        body = error_body("worker_unavailable", message, code)
         headers = {"Retry-After": str(retry)} if retry else None
         self._send_json(503, body, headers)
+
+    def _reply(self, reply: Reply) -> None:
+        self._send_json(reply.status, reply.body, reply.headers)
 
     # -- relay -----------------------------------------------------------------------------
 
@@ -222,28 +214,44 @@ class GuardHandler(BaseHTTPRequestHandler):
                 self._unavailable()
                 return
             sock = self._connect(run)
-            if sock is not None:
-                break
-            # Refused before anything was sent: safe to wait for the next worker, if allowed.
-            if not run.died.wait(_DEATH_GRACE):
-                if time.monotonic() < deadline:
-                    continue  # alive but its backlog is full (SYNs dropped): connect again
-                self._send_json(
-                    502, error_body("bad_gateway", "worker refused the connection", "refused")
-                )
+            if sock is None:
+                # Refused before anything was sent: safe to wait for the next worker, if allowed.
+                if not run.died.wait(_DEATH_GRACE):
+                    if time.monotonic() < deadline:
+                        continue  # alive but its backlog is full (SYNs dropped): connect again
+                    self._send_json(
+                        503,
+                        error_body(
+                            "worker_busy",
+                            "worker refused the connection (its listen backlog is full)",
+                            "refused",
+                        ),
+                        {"Retry-After": "1"},
+                    )
+                    return
+                sup.note_dead(run)
+                if time.monotonic() >= deadline:
+                    self._reply(death_reply(run.cause))
+                    return
+                continue
+            reply = self._relay_once(run, sock, body)
+            if reply is None:
                 return
-            sup.note_dead(run)
-            if time.monotonic() >= deadline:
-                self._unavailable(run.cause)
-                return
+            if reply.retry and time.monotonic() < deadline:
+                continue  # the request never reached a generation loop: the next worker gets it
+            self._reply(reply)
+            return
+
+    def _relay_once(self, run: WorkerRun, sock: socket.socket, body: bytes) -> Reply | None:
+        """Relay one attempt; a Reply when nothing reached the client and one must be sent."""
         watchdog = self.server.watchdog
         self._watch = watchdog.watch(sock, self.connection, run)
         try:
             sock.settimeout(None)
             self.connection.settimeout(None)
-            self._relay(run, sock, body)
+            return self._relay(run, sock, body)
         except _ClientGone:
-            pass
+            return None
         finally:
             watchdog.unwatch(self._watch)
             self._watch = None
@@ -302,11 +310,11 @@ class GuardHandler(BaseHTTPRequestHandler):
         return data
 
     def _lost(self, run: WorkerRun) -> Cause | None:
-        """The watchdog killed ``run``: wait (bounded) for the reaper to record why."""
+        """The watchdog ended ``run``: wait (bounded) for the reaper to record why."""
         sup = self.server.supervisor
         run.died.wait(sup.config.stop_timeout + 5.0)
         sup.note_dead(run)
-        return run.cause
+        return run.cause or run.retired
 
     def _confirm_death(self, run: WorkerRun, grace: float) -> Cause | None:
         if run.died.wait(grace):
@@ -314,45 +322,91 @@ class GuardHandler(BaseHTTPRequestHandler):
             return run.cause
         return None
 
-    def _relay(self, run: WorkerRun, sock: socket.socket, body: bytes) -> None:
+    def _failed(self, run: WorkerRun, mark: int, *, said_wedged: bool = False) -> Reply:
+        """The worker failed this request while alive (or so it seemed): prove what happened.
+
+        A dead worker's cause wins; otherwise its log since ``mark`` and its answers to a
+        /health and a one-token completion decide (``failures.decide``), and a wedged or
+        memory-suspect worker is replaced before the client hears back, so that a /health
+        asked after the answer never sees the old worker as serving.
+        """
+        sup = self.server.supervisor
+        if self._watch is not None:
+            # the worker's side is over: the hang bound must not fire on the diagnosis itself
+            self._watch.done = True
+        cause = self._confirm_death(run, 0.05)
+        if cause is not None:
+            return death_reply(cause)
+        failure = read_failure(run.log_since(mark))
+        health = diagnose.check(run, sup.config)
+        if health.state == diagnose.DEAD:
+            if run.retired is not None:
+                return death_reply(run.retired)
+            return death_reply(self._confirm_death(run, _DEATH_GRACE))
+        reply = decide(health, failure, said_wedged=said_wedged)
+        if reply.cause is not None:
+            sup.retire(run, reply.cause)
+        return reply
+
+    def _relay(self, run: WorkerRun, sock: socket.socket, body: bytes) -> Reply | None:
         w = self._watch
         assert w is not None
+        mark = run.log_mark()
         try:
             sock.sendall(self._request_bytes(run, body))
         except OSError:
             pass  # the worker may still have answered or died; reading tells which
-        # Phase 1: response head. Nothing has reached the client, so any failure is a clean 503.
+        # Phase 1: response head. Nothing has reached the client, so any failure is a clean answer.
         buf = b""
         try:
             while b"\r\n\r\n" not in buf:
                 chunk = self._recv(sock, w)
                 if not chunk:
-                    cause = self._confirm_death(run, _DEATH_GRACE)
-                    if cause is None:
-                        self._send_json(
-                            502,
-                            error_body(
-                                "bad_gateway",
-                                "worker closed the connection without a response",
-                                "empty_response",
-                            ),
-                        )
-                    else:
-                        self._send_json(503, _cause_error(cause), {"Retry-After": "1"})
-                    return
+                    return self._failed(run, mark)
                 buf += chunk
                 if len(buf) > _MAX_HEADER_BYTES:
-                    self._send_json(
-                        502, error_body("bad_gateway", "worker response head too large", "bad_head")
+                    return Reply(
+                        502,
+                        error_body("bad_gateway", "worker response head too large", "bad_head"),
+                        retry_after=False,
                     )
-                    return
         except _WorkerLost as lost:
-            self._send_json(503, _cause_error(lost.cause), {"Retry-After": "1"})
-            return
+            return death_reply(lost.cause)
         head, _, rest = buf.partition(b"\r\n\r\n")
         status, out_head, framing = self._rewrite_head(head)
-        self._write(out_head + rest)
-        self._stream_body(run, sock, w, status, framing, rest)
+        if status >= 400 and not framing["sse"] and self.command != "HEAD":
+            try:
+                rest, complete = self._read_error_body(sock, w, framing, rest)
+            except _WorkerLost as lost:
+                return death_reply(lost.cause)
+            if says_wedged(rest):
+                return self._failed(run, mark, said_wedged=True)
+            self._write(out_head + rest)
+            if not complete:
+                self._stream_body(run, sock, w, status, framing, rest, mark)
+            return None
+        if framing["sse"] and not rest:
+            framing["held_head"] = out_head  # sent with the first body byte
+        else:
+            self._write(out_head + rest)
+        return self._stream_body(run, sock, w, status, framing, rest, mark)
+
+    def _read_error_body(
+        self, sock: socket.socket, w: Watch, framing: dict[str, Any], first: bytes
+    ) -> tuple[bytes, bool]:
+        """Read a small error answer whole (bounded); (body so far, complete?)."""
+        length: int | None = framing["length"]
+        body = first
+        while len(body) < _ERROR_BODY_LIMIT:
+            if length is not None and len(body) >= length:
+                return body, True
+            if framing["chunked"] and body.endswith(b"0\r\n\r\n"):
+                return body, True
+            data = self._recv(sock, w)
+            if not data:
+                return body, True
+            body += data
+        return body, False
 
     def _rewrite_head(self, head: bytes) -> tuple[int, bytes, dict[str, Any]]:
         lines = head.split(b"\r\n")
@@ -387,45 +441,50 @@ class GuardHandler(BaseHTTPRequestHandler):
         status: int,
         framing: dict[str, Any],
         first: bytes,
-    ) -> None:
+        mark: int,
+    ) -> Reply | None:
+        """Relay the rest of the body; a Reply if it failed before anything reached the client."""
         if self.command == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            return
+            if framing.get("held_head"):
+                self._write(framing.pop("held_head"))
+            return None
         length: int | None = framing["length"]
         got = len(first)
         tail = first[-64:]
         while True:
             if length is not None and got >= length:
-                return
+                return None
             if framing["chunked"] and tail.endswith(b"0\r\n\r\n"):
-                return
+                return None
             if framing["sse"] and tail.rstrip().endswith(b"data: [DONE]"):
                 # Complete as far as the client is concerned; drain the close without waiting long.
-                return
+                return None
             try:
                 data = self._recv(sock, w)
             except _WorkerLost as lost:
-                self._end_broken(framing, tail, lost.cause)
-                return
+                if framing.get("held_head"):
+                    return death_reply(lost.cause)
+                self._end_broken(framing, tail, cause_error(lost.cause))
+                return None
             if not data:
                 abnormal = framing["sse"] or length is not None
-                cause = self._confirm_death(run, _DEATH_GRACE if abnormal else 0.05)
-                if cause is not None or abnormal:
-                    self._end_broken(framing, tail, cause)
-                return
+                cause = self._confirm_death(run, 0.05)
+                if cause is None and not abnormal:
+                    return None  # a close-delimited body ended normally
+                reply = death_reply(cause) if cause is not None else self._failed(run, mark)
+                if framing.get("held_head"):
+                    return reply  # nothing reached the client yet: a real status line
+                self._end_broken(framing, tail, reply.body)
+                return None
             got += len(data)
             tail = (tail + data)[-64:]
-            self._write(data)
+            held = framing.pop("held_head", None)
+            self._write(held + data if held else data)
 
-    def _end_broken(self, framing: dict[str, Any], tail: bytes, cause: Cause | None) -> None:
+    def _end_broken(self, framing: dict[str, Any], tail: bytes, err: bytes) -> None:
         """The response had started and cannot be completed: close it as gracefully as possible."""
         if not framing["sse"]:
             return  # a non-stream body already on the wire cannot be taken back; close
-        if cause is None:
-            err = error_body(
-                "upstream_error", "worker ended the stream without [DONE]", "stream_cut"
-            )
-        else:
-            err = _cause_error(cause)
         sep = (
             b""
             if tail.endswith(b"\n\n") or not tail

@@ -16,12 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pytest_metaloom.guard import probe
+from pytest_metaloom.guard.causes import Cause, classify_exit, forced_cause, signal_name
+from pytest_metaloom.guard.config import GuardConfig
+from pytest_metaloom.guard.worker import WorkerProcess, free_port, worker_argv
 from pytest_metaloom.server import ports
-
-from . import probe
-from .causes import Cause, classify_exit, forced_cause, signal_name
-from .config import GuardConfig
-from .worker import WorkerProcess, free_port, worker_argv
 
 STARTING = "starting"
 SERVING = "serving"
@@ -48,6 +47,21 @@ class WorkerRun:
         self.cause: Cause | None = None
         self._forced: Cause | None = None
         self._lock = threading.Lock()
+        # one diagnosis at a time: requests failing together share the probes' answers
+        self.check_lock = threading.Lock()
+
+    @property
+    def retired(self) -> Cause | None:
+        """The guard's own reason for ending this run, once it chose to."""
+        return self._forced
+
+    def log_mark(self) -> int:
+        """Where the worker's stderr ends now: what it writes after this concerns later work."""
+        return self.worker.stderr_size()
+
+    def log_since(self, mark: int) -> str:
+        """What the worker wrote to stderr after ``mark`` (bounded)."""
+        return self.worker.stderr_since(mark)
 
     def force_kill(self, cause: Cause) -> bool:
         """Kill this run for a reason the guard chose; only the first caller's reason sticks."""
@@ -219,7 +233,9 @@ class Supervisor:
     def _record_death(self, run: WorkerRun, rc: int) -> None:
         cause = run._forced
         if cause is not None:
-            cause = Cause(cause.kind, rc, cause.signal or signal_name(rc), cause.line, cause.time)
+            cause = Cause(
+                cause.kind, rc, cause.signal or signal_name(rc), cause.line, cause.time, True
+            )
         else:
             cause = classify_exit(rc, run.worker.stderr_tail())
         with self._cond:
@@ -273,7 +289,12 @@ class Supervisor:
         with self._cond:
             while True:
                 run = self._run
-                if self._state == SERVING and run is not None and not run.died.is_set():
+                if (
+                    self._state == SERVING
+                    and run is not None
+                    and not run.died.is_set()
+                    and run.retired is None
+                ):
                     return run
                 if self._state in (FAILED, STOPPING, STOPPED):
                     return None
@@ -288,6 +309,24 @@ class Supervisor:
             if self._run is run and self._state == SERVING and not run.worker.is_alive():
                 self._state = RESTARTING
                 self._cond.notify_all()
+
+    def retire(self, run: WorkerRun, cause: Cause) -> bool:
+        """End a live run for ``cause`` (wedged, recycled): stop routing to it, then kill it.
+
+        Requests that arrive meanwhile wait for the next worker (within the queue timeout) or
+        get 503; the supervisor restarts as for any death. True for the first caller only.
+        """
+        with self._cond:
+            if run.retired is not None or run.died.is_set():
+                return False
+            if self._run is run and self._state == SERVING:
+                self._state = RESTARTING
+            self._last_cause = cause
+            self._cond.notify_all()
+        if not run.force_kill(cause):
+            return False
+        self.log(f"worker pid={run.worker.pid} {cause.kind}: {cause.line}; replacing it")
+        return True
 
     @property
     def state(self) -> str:

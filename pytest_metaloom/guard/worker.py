@@ -138,6 +138,20 @@ class WorkerProcess:
     def is_alive(self) -> bool:
         return self._proc.poll() is None
 
+    def exited(self) -> bool:
+        """True once the process has ended, even before its reaper collected the status.
+
+        Safe from any thread: it only looks (a zombie counts as ended), never reaps.
+        """
+        if self._proc.returncode is not None:
+            return True
+        try:
+            return psutil.Process(self.pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.Error:
+            return False
+
     def wait(self, timeout: float | None = None) -> int:
         """Wait for exit (raises subprocess.TimeoutExpired past the bound) and reap the watcher."""
         rc = self._proc.wait(timeout)
@@ -185,6 +199,24 @@ class WorkerProcess:
             return self.wait(5.0)
         except subprocess.TimeoutExpired:
             return None
+
+    def stderr_size(self) -> int:
+        """Bytes written to stderr so far (a mark for ``stderr_since``)."""
+        try:
+            return os.stat(self.stderr_path).st_size
+        except OSError:
+            return 0
+
+    def stderr_since(self, mark: int, max_bytes: int = 65536) -> str:
+        """What the worker wrote to stderr after ``mark``: its last ``max_bytes`` at most."""
+        try:
+            with open(self.stderr_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(mark, size - max_bytes))
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
 
     def stderr_tail(self, max_bytes: int = 16384) -> str:
         """The last ``max_bytes`` of the worker's stderr, where aborts print their reason."""

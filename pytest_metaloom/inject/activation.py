@@ -75,7 +75,7 @@ def watch(env: Mapping[str, str] | None = None) -> None:
         argv=sys.argv[:4] if hasattr(sys, "argv") else [],
         ppid=os.getppid(),
     )
-    from pytest_metaloom.inject.runtime import _PostImportFinder
+    from pytest_metaloom.inject.runtime.activation import PostImportFinder
 
     hooks: dict[str, Callable[[Any], None]] = {
         "mlx_lm.server": _server_imported,
@@ -87,7 +87,7 @@ def watch(env: Mapping[str, str] | None = None) -> None:
     for name in filter(None, (n.strip() for n in env.get(ACTIVATE_ON_VAR, "").split(","))):
         hooks[name] = lambda m, _n=name: activate(f"import {_n}")
     already = [n for n in hooks if n in sys.modules]
-    sys.meta_path.insert(0, _PostImportFinder({n: h for n, h in hooks.items() if n not in already}))
+    sys.meta_path.insert(0, PostImportFinder({n: h for n, h in hooks.items() if n not in already}))
     for name in already:  # imported by an earlier sitecustomize or .pth file
         hooks[name](sys.modules[name])
 
@@ -353,19 +353,6 @@ def _patch_prompt_cache(module: Any) -> None:
             rt.response_generator = SimpleNamespace(prompt_cache=self)
 
     _replace(cls, "__init__", __init__)
-    for name in ("fetch_nearest_cache", "insert_cache"):
-        real = getattr(cls, name, None)
-        if real is None:
-            continue
-
-        def boundary(self: Any, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
-            rt = _generic()
-            if rt is not None and rt.hot:
-                rt.boundary(sys._getframe(1), "cache")
-            return _real(self, *args, **kwargs)
-
-        boundary.__name__ = name
-        _replace(cls, name, boundary)
 
 
 # ---------------------------------------------------------------------- identity

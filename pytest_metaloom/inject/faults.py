@@ -17,11 +17,14 @@ from typing import Literal
 from pytest_metaloom import units
 
 __all__ = [
+    "BACKEND_TEXTS",
     "FAULT_KINDS",
     "FILTER_KEYS",
     "PATHS",
     "SEMANTICS",
     "SITES",
+    "SIZE_BASES",
+    "VARIANTS",
     "FaultKind",
     "FaultPoint",
     "FaultSpec",
@@ -37,6 +40,11 @@ __all__ = [
 Family = Literal["allocator", "command_buffer", "control", "hang"]
 
 SEMANTICS: tuple[str, ...] = ("abort", "deferred", "sync")
+# Which backend's text a fault carries. ``metal`` is the default everywhere; the CUDA
+# variants are the texts MLX's CUDA allocator produces (mlx/backend/cuda/allocator.cpp:
+# CHECK_CUDA_ERROR(call) throws "<call> failed: <cudaGetErrorString>", and
+# cudaErrorMemoryAllocation reads "out of memory").
+VARIANTS: tuple[str, ...] = ("metal", "cuda", "cuda_malloc", "cuda_managed", "cuda_host")
 SITES: tuple[str, ...] = ("prefill", "decode", "cache")
 PATHS: tuple[str, ...] = ("batched", "sequential")
 
@@ -47,6 +55,7 @@ DEFAULT_ALLOC_BYTES = 68719476736
 DEFAULT_MAX_BUFFER = 34359738368
 
 _CMDBUF_PREFIX = "[METAL] Command buffer execution failed: "
+_CUDA_OOM = "failed: out of memory"
 _ABORT_PREFIX = "libc++abi: terminating due to uncaught exception of type std::runtime_error: "
 
 
@@ -67,11 +76,33 @@ class FaultKind:
     expected_status: int
     template: str
     params: tuple[str, ...] = ()
+    # other backends' texts for the same failure, (variant, template); ``template`` is
+    # the ``metal`` variant
+    others: tuple[tuple[str, str], ...] = ()
 
     @property
     def allowed_semantics(self) -> tuple[str, ...]:
-        """Command-buffer failures abort or defer by MLX version; the rest are synchronous."""
-        return ("abort", "deferred") if self.family == "command_buffer" else ("sync",)
+        """Command-buffer failures abort or defer by MLX version (``sync``: raised by the
+        evaluation that committed the buffer); the rest are synchronous."""
+        if self.family == "command_buffer":
+            return ("abort", "deferred", "sync")
+        return ("sync",)
+
+    @property
+    def variants(self) -> dict[str, str]:
+        """Backend variant -> text template (``metal`` first, the default)."""
+        return {"metal": self.template, **dict(self.others)}
+
+    def template_for(self, variant: str | None) -> str:
+        """The template of ``variant`` (None: ``metal``); a clear error if it has none."""
+        name = variant or "metal"
+        try:
+            return self.variants[name]
+        except KeyError:
+            raise ValueError(
+                f"fault kind {self.name!r} has no {name!r} variant; it has "
+                f"{', '.join(self.variants)}"
+            ) from None
 
 
 def _cmdbuf(name: str, what: str, code: str, oom: bool) -> FaultKind:
@@ -103,8 +134,16 @@ FAULT_KINDS: dict[str, FaultKind] = {
             "allocator",
             True,
             503,
+            # Metal's allocator and CUDA's (when the driver hands back no pointer) both
+            # print this text; the cuda* variants are a failed cudaMalloc* call.
             "[malloc] Unable to allocate {bytes} bytes.",
             ("bytes",),
+            (
+                ("cuda", f"cudaMallocAsync(&data, size, stream) {_CUDA_OOM}"),
+                ("cuda_malloc", f"cudaMalloc(&data, size) {_CUDA_OOM}"),
+                ("cuda_managed", f"cudaMallocManaged(&data, size) {_CUDA_OOM}"),
+                ("cuda_host", f"cudaMallocHost(&data, size) {_CUDA_OOM}"),
+            ),
         ),
         _cmdbuf(
             "cmdbuf_oom",
@@ -162,13 +201,20 @@ def default_semantics(mlx_version: str) -> str:
     return "abort" if _version_tuple(mlx_version) < (0, 32) else "deferred"
 
 
-def message(kind: str | FaultKind, semantics: str | None = None, **params: int) -> str:
+def message(
+    kind: str | FaultKind,
+    semantics: str | None = None,
+    variant: str | None = None,
+    **params: int,
+) -> str:
     """The exception text MLX would carry for ``kind`` (``what()`` / ``str(RuntimeError)``).
 
-    Deferred command-buffer errors end with ``.`` (MLX PR #3523 stores the text
-    with a trailing dot); the aborting handler throws the text without it.
+    Command-buffer errors raised in Python (``deferred``, ``sync``; mlx >= 0.32) end
+    with ``.`` (MLX PR #3523 stores the text with a trailing dot); the aborting handler
+    of mlx <= 0.31 throws the text without it. ``variant`` picks the backend's text.
     """
     fk = _kind(kind)
+    template = fk.template_for(variant)
     sem = semantics or fk.allowed_semantics[0]
     if sem not in fk.allowed_semantics:
         raise ValueError(
@@ -184,10 +230,24 @@ def message(kind: str | FaultKind, semantics: str | None = None, **params: int) 
     values = {"bytes": DEFAULT_ALLOC_BYTES, "max": DEFAULT_MAX_BUFFER}
     values["limit"] = DEFAULT_RESOURCE_LIMIT
     values.update(params)
-    text = fk.template.format(**values)
-    if fk.family == "command_buffer" and sem == "deferred":
+    text = template.format(**values)
+    if fk.family == "command_buffer" and sem in ("deferred", "sync"):
         text += "."
     return text
+
+
+def _backend_texts() -> dict[str, dict[str, str]]:
+    """kind -> variant -> the fixed part of its text (before the first ``{``)."""
+    out: dict[str, dict[str, str]] = {}
+    for kind in FAULT_KINDS.values():
+        if kind.family in ("command_buffer", "allocator"):
+            out[kind.name] = {v: t.split("{", 1)[0] for v, t in kind.variants.items()}
+    return out
+
+
+# What a log or an exception carries for each GPU failure, by backend variant: the text
+# up to its first number (``metaloom classify`` and patch sets match on these).
+BACKEND_TEXTS: dict[str, dict[str, str]] = _backend_texts()
 
 
 def abort_line(text: str) -> str:
@@ -229,6 +289,7 @@ class FaultSpecError(ValueError):
 # Sizes have one home, ``pytest_metaloom/units.py`` (the same grammar for fault specs,
 # METALOOM_LIMITS, the real-Metal plan and ``metaloom budget``); these wrappers only turn
 # its errors into FaultSpecError, which points at the spot in the spec.
+SIZE_BASES = units.SIZE_BASES
 
 
 def parse_size(text: str, baselines: Mapping[str, int]) -> int:
@@ -275,6 +336,7 @@ class Term:
     percent: float | None = None
     semantics: str | None = None
     params: tuple[tuple[str, int], ...] = ()
+    variant: str | None = None
 
     @property
     def kind(self) -> FaultKind | None:
@@ -296,7 +358,8 @@ class Term:
         if self.count is not None:
             out += f"{self.count}*"
         out += self.action
-        args = ([self.semantics] if self.semantics else []) + [f"{k}={v}" for k, v in self.params]
+        args = [a for a in (self.semantics, self.variant) if a]
+        args += [f"{k}={v}" for k, v in self.params]
         if args:
             out += "(" + ",".join(args) + ")"
         return out
@@ -432,7 +495,7 @@ class _Parser:
         count = int(m.group("cnt")) if m.group("cnt") else None
         if count == 0:
             raise self.fail("a count must be at least 1 ('0*' never applies)", start, len(raw))
-        semantics, params = None, []
+        semantics, variant, params = None, None, []
         if m.group("args") is not None:
             args_start = start + m.start("args")
             for s, e in _split(self.text, args_start, args_start + len(m.group("args")), ","):
@@ -443,11 +506,24 @@ class _Parser:
                     if semantics:
                         raise self.fail("semantics given twice", s, len(arg))
                     semantics = arg
+                elif arg in VARIANTS:
+                    if variant:
+                        raise self.fail("backend variant given twice", s, len(arg))
+                    kind = FAULT_KINDS.get(action)
+                    if kind is not None and arg not in kind.variants:
+                        raise self.fail(
+                            f"fault kind {action!r} has no {arg!r} variant; it has "
+                            f"{', '.join(kind.variants)}",
+                            s,
+                            len(arg),
+                        )
+                    variant = arg
                 else:
                     raise self.fail(
                         f"unknown argument {arg!r}; expected a semantics "
-                        f"({', '.join(SEMANTICS)}) or key=value ({', '.join(_PARAM_KEYS)})"
-                        f"{_suggest(arg, SEMANTICS)}",
+                        f"({', '.join(SEMANTICS)}), a backend variant ({', '.join(VARIANTS)}) "
+                        f"or key=value ({', '.join(_PARAM_KEYS)})"
+                        f"{_suggest(arg, SEMANTICS + VARIANTS)}",
                         s,
                         max(1, len(arg)),
                     )
@@ -461,9 +537,9 @@ class _Parser:
                         pos,
                         len(semantics),
                     )
-            if action == "off" and (semantics or params):
+            if action == "off" and (semantics or params or variant):
                 raise self.fail("'off' takes no arguments", args_start, len(m.group("args")))
-        return Term(action, count, percent, semantics, tuple(params))
+        return Term(action, count, percent, semantics, tuple(params), variant)
 
     def param(self, action: str, arg: str, pos: int) -> tuple[str, int]:
         key, _, value = (p.strip() for p in arg.partition("="))

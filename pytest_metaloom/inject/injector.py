@@ -1,6 +1,6 @@
 """Harness side of the injector: server environment, control client, event reader.
 
-The server half lives in ``inject/runtime.py``; the two meet only through
+The server half lives in ``inject/runtime/``; the two meet only through
 environment variables, a Unix control socket and a JSON-lines event log, so a
 test can inspect a server that has already died (the log survives an abort).
 """
@@ -59,8 +59,14 @@ def _short_socket_dir(control_path: str | Path) -> Path | None:
 
 
 def ensure_socket_dir(control_path: str | Path) -> None:
-    """Re-create a short socket dir removed by an earlier stop (a server started again)."""
+    """Re-create a short socket dir removed by an earlier stop (a server started again);
+    the reaper removes it should the harness die before :func:`remove_socket_dir`."""
     Path(control_path).parent.mkdir(parents=True, exist_ok=True)
+    short = _short_socket_dir(control_path)
+    if short is not None:
+        from pytest_metaloom.server import reaper
+
+        reaper.register_dir(short)
 
 
 def remove_socket_dir(control_path: str | Path) -> None:
@@ -68,6 +74,9 @@ def remove_socket_dir(control_path: str | Path) -> None:
     short = _short_socket_dir(control_path)
     if short is not None:
         shutil.rmtree(short, ignore_errors=True)
+        from pytest_metaloom.server import reaper
+
+        reaper.unregister_dir(short)
 
 
 def bootstrap_env(

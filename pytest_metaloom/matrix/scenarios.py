@@ -17,6 +17,15 @@ from typing import Any
 from pytest_metaloom.inject.faults import FAULT_KINDS, PATHS, SITES
 
 STREAM_MODES = ("nostream", "stream")
+TRIGGERS = ("memory", "count")
+# A memory-caused scenario fires at the affected request's first evaluation at its site
+# that takes the allocator's high-water mark (reset when armed) plus what the evaluation
+# asks for past what was allocated when armed + 1 KiB: the request's own memory need
+# crosses the lowered limit. The fired event's ``crossing`` shows the numbers.
+MEMORY_LIMIT = "allocated+1KiB"
+# The tool loop grows its conversation until the same counter crosses what was allocated
+# when armed + 1 MiB (on the tiny model that is within the first turn or two).
+TOOL_LOOP_MEMORY = "allocated+1MiB"
 PROBE_PROMPT = "metaloom cache probe: the quick brown fox jumps over the lazy dog again"
 
 
@@ -29,6 +38,7 @@ class Scenario:
     site: str
     workload: str = "single"
     bystanders: int = 1
+    trigger: str = "memory"  # "count": the first evaluation at the site, whatever memory
 
     @property
     def id(self) -> str:
@@ -42,14 +52,18 @@ class Scenario:
 
     def spec(self, request_id: str, *, wired: str | None = None) -> str:
         """The fault spec that arms this scenario for one request."""
-        args = "" if self.semantics == "sync" else f"({self.semantics})"
+        # sync command-buffer faults must say so: unqualified, they take the version default
+        explicit = self.semantics != "sync" or self.kind.family == "command_buffer"
+        args = f"({self.semantics})" if explicit else ""
         filters = [f"path={self.path}"]
         if self.workload == "tool_loop":
-            filters.append(f"wired={wired or 'active+1MiB'}")
+            filters.append(f"wired={wired}" if wired else f"memory={TOOL_LOOP_MEMORY}")
         else:
             filters += [f"site={self.site}", f"request={request_id}"]
             if self.stream and self.site == "decode":
                 filters.append("after_tokens=2")  # let the stream start first
+            if self.trigger == "memory":
+                filters.append(f"memory={MEMORY_LIMIT}")
         return f"1*{self.fault}{args}@{','.join(filters)}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -58,6 +72,8 @@ class Scenario:
 
 def _semantics_for(fault: str, allowed: Sequence[str] | None) -> list[str]:
     options = list(FAULT_KINDS[fault].allowed_semantics)
+    if FAULT_KINDS[fault].family == "command_buffer" and not allowed:
+        options.remove("sync")  # MLX raises these abort-or-deferred; sync only when asked
     return [s for s in options if not allowed or s in allowed]
 
 
@@ -69,12 +85,16 @@ def build_matrix(
     sites: Sequence[str] = (),
     stream: Sequence[str] = (),
     full: bool = False,
+    trigger: str = "memory",
 ) -> list[Scenario]:
     """The default covering matrix, or the full cross product, narrowed by filters.
 
     The default covers every kind, both semantics, both paths, both stream modes and
     every site at least once, rotating stream mode and site instead of multiplying them.
+    Every scenario is memory-caused unless ``trigger="count"`` (fire at the first
+    evaluation at the site).
     """
+    _check_names("trigger", [trigger], TRIGGERS)
     _check_names("fault kind", faults, FAULT_KINDS)
     _check_names("semantics", semantics, ("abort", "deferred", "sync"))
     _check_names("path", paths, PATHS)
@@ -91,18 +111,22 @@ def build_matrix(
             for path in use_paths:
                 if full:
                     for is_stream, site in itertools.product(use_stream, use_sites):
-                        scenarios.append(Scenario(fault, sem, path, is_stream, site))
+                        scenarios.append(
+                            Scenario(fault, sem, path, is_stream, site, trigger=trigger)
+                        )
                     continue
                 n = next(rotation)
                 site = "decode" if fault == "hang" else use_sites[n % len(use_sites)]
                 is_stream = use_stream[(n // len(use_sites)) % len(use_stream)]
                 if fault == "hang" and path != use_paths[0]:
                     continue  # one hang scenario is enough: each costs a deadline
-                scenarios.append(Scenario(fault, sem, path, is_stream, site))
+                scenarios.append(Scenario(fault, sem, path, is_stream, site, trigger=trigger))
     if (not faults or "resource_limit" in faults) and "batched" in use_paths:
         if not semantics or "sync" in semantics:
             scenarios.append(
-                Scenario("resource_limit", "sync", "batched", False, "decode", "cycles")
+                Scenario(
+                    "resource_limit", "sync", "batched", False, "decode", "cycles", trigger=trigger
+                )
             )
     if (not faults or "cmdbuf_oom" in faults) and "batched" in use_paths:
         for sem in _semantics_for("cmdbuf_oom", semantics):

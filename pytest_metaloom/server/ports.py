@@ -181,6 +181,16 @@ def release_port(port: int) -> None:
             directory.rmdir()
 
 
+def tidy() -> None:
+    """Sweep the claims of dead processes and remove the claim directory if it is empty
+    (run at the end of a session that started servers)."""
+    directory = _claim_path()
+    if directory.is_dir():
+        _sweep_stale(directory)
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+
+
 __all__ = [
     "PortInUseError",
     "claim_dir",
@@ -190,4 +200,5 @@ __all__ = [
     "port_is_free",
     "port_range",
     "release_port",
+    "tidy",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,12 +123,30 @@ def unregister(pid: int) -> None:
     _send(f"del {pid}")
 
 
+def register_dir(path: str | os.PathLike[str]) -> None:
+    """Have the reaper remove directory ``path`` if this process dies without unregistering
+    it (a server's short control-socket dir outside any run directory)."""
+    _send(f"adddir {os.fspath(path)}")
+
+
+def unregister_dir(path: str | os.PathLike[str]) -> None:
+    """The directory was removed cleanly; the reaper may forget it."""
+    _send(f"deldir {os.fspath(path)}")
+
+
 def _serve() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     watched: dict[int, list[psutil.Process]] = {}
+    dirs: set[str] = set()
     for raw in sys.stdin.buffer:
         verb, _, arg = raw.decode(errors="replace").strip().partition(" ")
+        if verb == "adddir" and arg:
+            dirs.add(arg)
+            continue
+        if verb == "deldir":
+            dirs.discard(arg)
+            continue
         if not arg.isdigit():
             continue
         pid = int(arg)
@@ -141,6 +160,8 @@ def _serve() -> None:
         with contextlib.suppress(psutil.Error):
             if root.is_running():
                 kill_tree(pid, term_timeout=3.0)
+    for path in dirs:  # after the trees: nothing uses them any more
+        shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":
