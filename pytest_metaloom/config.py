@@ -20,6 +20,7 @@ class Settings:
     metal_oom: bool = default("metal_oom")
     metaloom_model: str | None = default("metaloom_model")
     metaloom_url: str | None = default("metaloom_url")
+    metaloom_server: str | None = default("metaloom_server")
     metaloom_server_cmd: str | None = default("metaloom_server_cmd")
     metaloom_server_args: str | None = default("metaloom_server_args")
     metaloom_start_timeout: float = default("metaloom_start_timeout")
@@ -66,8 +67,19 @@ class Settings:
         return Path(self.metaloom_model).expanduser() if self.metaloom_model else None
 
     @property
+    def profile(self) -> Any:
+        """The server profile (``--metaloom-server``); raises ``ProfileError`` with the fix."""
+        from pytest_metaloom.server.profiles import load_profile
+
+        return load_profile(self.metaloom_server)
+
+    @property
     def server_command(self) -> list[str] | None:
-        return shlex.split(self.metaloom_server_cmd) if self.metaloom_server_cmd else None
+        """--metaloom-server-cmd, else the profile's command (None: mlx_lm.server)."""
+        if self.metaloom_server_cmd:
+            return shlex.split(self.metaloom_server_cmd)
+        command = self.profile.command
+        return list(command) if command else None
 
     @property
     def server_args(self) -> list[str]:

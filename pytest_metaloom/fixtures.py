@@ -147,33 +147,42 @@ def start_server(
     guard: bool | None = None,
     name: str = "mlx-server",
     warmup: bool = True,
+    server: str | None = None,
 ) -> Any:
-    """Start a LiveServer configured from arguments > options > ini > defaults."""
+    """Start a LiveServer configured from arguments > options > ini > defaults.
+
+    ``server`` names a server profile (built-in name or .toml path) for this server only.
+    """
     from pytest_metaloom.server.live import LiveServer
+    from pytest_metaloom.server.profiles import load_profile
 
     state = state_of(request.config)
     settings = state.settings
     factory = request.getfixturevalue("tmp_path_factory")
-    server = LiveServer(
+    profile = load_profile(server) if server is not None else settings.profile
+    if command is None:
+        command = settings.server_command if server is None else profile.command
+    live = LiveServer(
         run_dir=_run_dir(factory, name),
         model=resolve_model(request, model),
-        command=command if command is not None else settings.server_command,
+        command=command,
         server_args=[*settings.server_args, *server_args],
-        env=env,
+        env={**profile.server_env(), **(env or {})},
         faults=faults,
         limits=limits,
         overlay=overlay,
         guard=settings.metaloom_guard if guard is None else guard,
         url=settings.metaloom_url,
         name=name,
-        start_timeout=settings.metaloom_start_timeout,
-        ready_timeout=settings.metaloom_ready_timeout,
+        start_timeout=max(settings.metaloom_start_timeout, profile.start_timeout or 0),
+        ready_timeout=max(settings.metaloom_ready_timeout, profile.start_timeout or 0),
         stop_timeout=settings.metaloom_stop_timeout,
         warmup=warmup,
+        request_fields=profile.request_fields(resolve_model(request, model)),
     )
-    state.track(server)
-    server.start()
-    return server
+    state.track(live)
+    live.start()
+    return live
 
 
 def mlx_server_fixture(
@@ -186,8 +195,11 @@ def mlx_server_fixture(
     faults: str | None = None,
     limits: str | None = None,
     name: str = "mlx-server",
+    server: str | None = None,
 ) -> Callable[..., Any]:
     """Return a fixture that runs one configured server for the given scope.
+
+    ``server`` is a server profile: a built-in name or the path of a profile .toml.
 
     Example (in a conftest.py)::
 
@@ -197,7 +209,7 @@ def mlx_server_fixture(
 
     @pytest.fixture(scope=scope)  # type: ignore[call-overload]
     def _fixture(request: pytest.FixtureRequest) -> Iterator[Any]:
-        server = start_server(
+        live = start_server(
             request,
             model=model,
             server_args=server_args,
@@ -206,11 +218,12 @@ def mlx_server_fixture(
             faults=faults,
             limits=limits,
             name=name,
+            server=server,
         )
         try:
-            yield server
+            yield live
         finally:
-            server.stop()
+            live.stop()
 
     return _fixture
 

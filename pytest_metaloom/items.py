@@ -82,7 +82,12 @@ class ScenarioItem(pytest.Item):
                 pytest.skip(reason)
 
     def runtest(self) -> None:
-        runner = _pool(self).runner(self.target)
+        try:
+            runner = _pool(self).runner(self.target)
+        except MatrixSetupError as exc:
+            # the report is still written: this scenario's record says why it did not run
+            self.user_properties.append((PROPERTY, json.dumps(not_run_record(self, str(exc)))))
+            raise
         result = runner.run(self.scenario)
         claimed = self.target.claims(self.scenario)
         outcome = result.outcome.outcome
@@ -153,6 +158,8 @@ def reproduce_command(item: ScenarioItem) -> str:
         argv.append("--metaloom-guard")
     if settings.metaloom_model:
         argv += ["--metaloom-model", settings.metaloom_model]
+    if settings.metaloom_server:
+        argv += ["--metaloom-server", settings.metaloom_server]
     argv += ["--metaloom-seed", str(settings.metaloom_seed)]
     return shlex.join(argv)
 
@@ -200,6 +207,39 @@ def build_record(item: ScenarioItem, result: Any, claimed: bool) -> dict[str, An
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
         "guard": bool(result.outcome.facts.behind_guard),
         "reproduce": reproduce_command(item),
+        **server_fields(item),
+    }
+
+
+def server_fields(item: Any) -> dict[str, Any]:
+    """Which server profile ran, and the evidence it cannot give (each with the reason)."""
+    profile = _settings(item).profile
+    return {"server": profile.name, "unproven_evidence": profile.unproven()}
+
+
+def not_run_record(item: ScenarioItem, reason: str) -> dict[str, Any]:
+    """The report record of a scenario whose server or patch set could not be prepared."""
+    scenario = item.scenario
+    return {
+        "id": scenario.id,
+        "nodeid": item.nodeid,
+        "patch_set": item.target.label,
+        "fault": scenario.fault,
+        "semantics": scenario.semantics,
+        "path": scenario.path,
+        "stream": scenario.stream,
+        "site": scenario.site,
+        "workload": scenario.workload,
+        "outcome": "not_run",
+        "expected": "graceful",
+        "claimed": item.target.claims(scenario) if item.target.patch_set is not None else True,
+        "verdict": "not run",
+        "passed": False,
+        "reasons": [reason],
+        "facts": {},
+        "timings": {},
+        "guard": False,
+        "reproduce": reproduce_command(item),
     }
 
 
@@ -207,18 +247,22 @@ def collect_matrix(session: pytest.Session, state: SessionState) -> list[pytest.
     """The matrix's items; nothing is built or started here (the pool does that on first use)."""
     from pytest_metaloom.matrix.pool import MatrixPool, item_timeout, make_targets
     from pytest_metaloom.matrix.scenarios import build_matrix
+    from pytest_metaloom.server.profiles import ProfileError
 
     settings = state.settings
     try:
+        profile = settings.profile
         scenarios = build_matrix(
             faults=settings.metaloom_faults,
             semantics=settings.metaloom_semantics,
-            paths=settings.metaloom_paths,
-            sites=settings.metaloom_sites,
+            # a server serves only some paths, and sites where its code runs: a scenario
+            # elsewhere could never fire
+            paths=settings.metaloom_paths or list(profile.paths),
+            sites=settings.metaloom_sites or list(profile.sites),
             stream=settings.metaloom_stream,
             full=settings.metaloom_full_matrix,
         )
-    except ValueError as exc:
+    except (ValueError, ProfileError) as exc:
         raise pytest.UsageError(f"metaloom: {exc}") from exc
     targets = make_targets(settings)
     if settings.metaloom_model_spec:

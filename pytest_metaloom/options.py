@@ -54,6 +54,12 @@ OPTIONS: tuple[Option, ...] = (
         metavar="URL",
     ),
     Option(
+        "--metaloom-server",
+        "Server profile: a built-in name (mlx_lm, rapid-mlx, vllm-mlx, mlx-openai-server) or "
+        "the path of a profile .toml; gives the command, probes, paths and evidence.",
+        metavar="NAME",
+    ),
+    Option(
         "--metaloom-server-cmd",
         "Server command line to run instead of mlx_lm.server (e.g. a wrapper or supervisor); "
         "may use {python}, {host}, {port}, {model} placeholders.",

@@ -36,6 +36,7 @@ EXAMPLE_OUTCOMES: dict[str, dict[str, int]] = {
     "test_downstream_oom.py": {"passed": 1, "xfailed": 1},
     "test_fixture_factory.py": {"passed": 2},
     "test_wired_trigger.py": {"passed": 1},
+    "test_own_server.py": {"passed": 1},
 }
 
 

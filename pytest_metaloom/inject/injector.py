@@ -22,7 +22,7 @@ import pytest_metaloom
 from pytest_metaloom.inject import BOOTSTRAP_DIR
 from pytest_metaloom.inject.faults import FaultSpecError, parse_spec
 
-__all__ = ["REQUEST_HEADER", "Injector", "InjectorError", "bootstrap_env"]
+__all__ = ["REQUEST_HEADER", "Injector", "InjectorError", "RuntimeNotStarted", "bootstrap_env"]
 
 REQUEST_HEADER = "X-Metaloom-Request-Id"
 # sockaddr_un.sun_path is 108 bytes on Linux and 104 on macOS; keep a margin.
@@ -32,6 +32,10 @@ PACKAGE_ROOT = Path(pytest_metaloom.__file__).resolve().parent.parent
 
 class InjectorError(RuntimeError):
     """The in-server injector refused a request or could not be reached."""
+
+
+class RuntimeNotStarted(InjectorError):
+    """No process of the server switched the runtime on: no fault can fire in it."""
 
 
 _SHORT_DIR_PREFIX = "mlm-"
@@ -146,6 +150,8 @@ class Injector:
                     if not chunk:
                         break
                     reply += chunk
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise RuntimeNotStarted(f"cannot reach the injector: {self.diagnose()}") from exc
         except (OSError, TimeoutError) as exc:
             raise InjectorError(
                 f"cannot reach the injector at {self.control_path} ({exc}); is the server "
@@ -186,6 +192,73 @@ class Injector:
             return bool(self._call({"op": "ping"}, timeout).get("ok"))
         except InjectorError:
             return False
+
+    # ------------------------------------------------------------------ start-up
+
+    def listening(self) -> bool:
+        """True once some process of the server serves the control socket."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(1.0)
+                s.connect(self.control_path)
+            return True
+        except OSError:
+            return False
+
+    def wait_started(self, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
+        """Bounded wait for the runtime; :class:`RuntimeNotStarted` names cause and fix."""
+        deadline = time.monotonic() + timeout
+        while not self.listening():
+            # no bootstrap event: no process of the ready server runs Python with our path
+            nothing = not any(e.get("event") == "bootstrap" for e in self.events())
+            if nothing or not alive() or time.monotonic() >= deadline:
+                raise RuntimeNotStarted(self.diagnose(waited=timeout))
+            time.sleep(0.05)
+
+    def diagnose(self, waited: float | None = None) -> str:
+        """Why no runtime answers, read from the event log, with the fix for that cause."""
+        events = self.events()
+        boots = [e for e in events if e.get("event") == "bootstrap"]
+        active = [e for e in events if e.get("event") == "activated"]
+        declined = [e for e in events if e.get("event") == "activation_declined"]
+        errors = [e for e in events if e.get("event") == "error"]
+        within = f" within {waited:g}s of the server being ready" if waited else ""
+        head = f"the metaloom runtime is not running in this server{within} (control socket "
+        head += f"{self.control_path} is not served), so no fault can be injected: "
+        if not boots:
+            return head + (
+                "no Python process of the server loaded the metaloom bootstrap. Cause: the "
+                "server command is not a Python program, or it drops PYTHONPATH (python -I / "
+                "-E / -S, a wrapper script that resets the environment). Fix: run the server "
+                "with a Python that keeps PYTHONPATH, e.g. '{python} -m your_server ...' or the "
+                "console script of a venv, and let wrappers pass the environment through."
+            )
+        procs = "; ".join(
+            f"pid {e.get('pid')}: {' '.join(map(str, e.get('argv') or [])) or e.get('executable')}"
+            for e in boots[-4:]
+        )
+        if active:
+            last = active[-1]
+            return head + (
+                f"it started in pid {last.get('pid')} ({last.get('reason')}) and that process "
+                "is gone. Cause: the model process exited or was restarted. Fix: read the "
+                "server log for why it ended."
+            )
+        if declined:
+            return head + (
+                f"pid {declined[-1].get('pid')} declined because pid {declined[-1].get('owner')} "
+                "holds the control lock and no longer serves it. Fix: a forked model process "
+                "cannot take over; start model processes with multiprocessing 'spawn'."
+            )
+        detail = f" Last error: {errors[-1].get('error')}." if errors else ""
+        return head + (
+            f"its Python processes ({procs}) never imported mlx_lm.server, never loaded a "
+            "model with mlx_lm.load/load_model and never called mlx-lm's generation code "
+            f"(generate_step, stream_generate, BatchGenerator).{detail} Fix: if the server "
+            "loads or runs the model another way, name the module that does it in the server "
+            "profile's activate_on (METALOOM_ACTIVATE_ON); if it loads the model on the first "
+            "request, keep the warm-up request on."
+        )
 
     # ------------------------------------------------------------------ events
 

@@ -268,6 +268,11 @@ def chat_body(
     return body
 
 
+# Fields a server wants in every request body (a server profile's request shape), by base
+# URL: vllm-mlx, for one, refuses a completion that does not name its model.
+BODY_DEFAULTS: dict[str, dict[str, Any]] = {}
+
+
 def post(
     base_url: str,
     body: dict[str, Any],
@@ -287,6 +292,7 @@ def post(
     ``progress`` is given (e.g. the server's CPU seconds), that counter growing by
     ``progress_step``: a long prefill sends nothing for seconds but is not hung.
     """
+    body = {**BODY_DEFAULTS.get(base_url.rstrip("/"), {}), **body}
     parts = urlsplit(base_url)
     request_id = request_id or new_request_id()
     obs = Observation(request_id=request_id, stream=bool(body.get("stream")))

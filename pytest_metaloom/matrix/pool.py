@@ -43,6 +43,9 @@ def model_spec(settings: Settings) -> Any:
     return spec_from_text(text)
 
 
+RUNTIME_ERROR = "the server cannot run the metaloom runtime"
+
+
 def item_timeout(settings: Settings) -> float:
     """Upper bound (seconds) of one matrix item, derived from the scenario's deadline.
 
@@ -51,9 +54,10 @@ def item_timeout(settings: Settings) -> float:
     mode: the tool loop's turns plus the recovery requests). pytest-timeout fails an item
     that outlives it with a stack dump instead of stalling the run.
     """
+    floor = settings.profile.start_timeout or 0  # a server profile's slower start
     server = (
-        settings.metaloom_start_timeout
-        + settings.metaloom_ready_timeout
+        max(settings.metaloom_start_timeout, floor)
+        + max(settings.metaloom_ready_timeout, floor)
         + settings.metaloom_stop_timeout
     )
     deadlines = WORST_CASE_DEADLINES
@@ -82,6 +86,7 @@ class PatchTarget:
     overlay: Path | None = None
     runner: Any = None
     error: str | None = None
+    error_told: bool = False  # a server-start error is shown in full once, then referred to
 
     @property
     def server(self) -> Any:
@@ -151,6 +156,13 @@ class MatrixPool:
 
     def runner(self, target: PatchTarget) -> Any:
         if target.error:
+            if target.error_told:
+                first = target.error.split(":")[0]
+                raise MatrixSetupError(
+                    f"not run: {first} (the cause and the fix are given "
+                    f"once, on the first scenario of {target.label})"
+                )
+            target.error_told = target.error.startswith(RUNTIME_ERROR)
             raise MatrixSetupError(target.error)
         if target.runner is None:
             from pytest_metaloom.matrix.runner import ScenarioRunner
@@ -178,6 +190,16 @@ class MatrixPool:
             server = self._new_server(target, bounds)
             server.start()
             external = bool(settings.metaloom_url)
+            if not external:
+                from pytest_metaloom.inject.injector import RuntimeNotStarted
+
+                try:
+                    server.require_runtime()
+                except RuntimeNotStarted as exc:
+                    server.stop()
+                    target.error = f"{RUNTIME_ERROR}: {exc}"
+                    target.error_told = True
+                    raise MatrixSetupError(target.error) from None
             target.runner = ScenarioRunner(
                 server,
                 bounds=bounds,
@@ -191,11 +213,14 @@ class MatrixPool:
         from pytest_metaloom.server.live import LiveServer
 
         run_dir = Path(tempfile.mkdtemp(prefix=f"{target.label}-", dir=self.base_dir))
+        profile = self.settings.profile
         server = LiveServer(
             run_dir=run_dir,
             model=self.model,
             command=self.settings.server_command,
             server_args=self.settings.server_args,
+            env=profile.server_env(),
+            request_fields=profile.request_fields(self.model),
             overlay=target.overlay,
             guard=self.settings.metaloom_guard,
             # the matrix kills the worker on purpose, many times a minute: lift the
@@ -204,8 +229,8 @@ class MatrixPool:
             guard_options={"max_restarts": 10_000, "hang_timeout": round(bounds.guard_hang, 2)},
             url=self.settings.metaloom_url,
             name=f"server-{target.label}",
-            start_timeout=self.settings.metaloom_start_timeout,
-            ready_timeout=self.settings.metaloom_ready_timeout,
+            start_timeout=max(self.settings.metaloom_start_timeout, profile.start_timeout or 0),
+            ready_timeout=max(self.settings.metaloom_ready_timeout, profile.start_timeout or 0),
             stop_timeout=self.settings.metaloom_stop_timeout,
         )
         if self.on_server is not None:

@@ -44,8 +44,13 @@ class LiveServer:
         ready_timeout: float = DEFAULT_READY_TIMEOUT,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         warmup: bool = True,
+        request_fields: Mapping[str, Any] | None = None,
     ) -> None:
         from pytest_metaloom.inject.injector import Injector, bootstrap_env
+
+        # fields every request body carries (a profile's request shape, e.g. the model name)
+        self.request_fields = dict(request_fields or {})
+        self.warmup = warmup
 
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +83,8 @@ class LiveServer:
             start_timeout=start_timeout,
             ready_timeout=ready_timeout,
             stop_timeout=stop_timeout,
-            warmup=warmup,
+            # with request fields the warm-up must carry them: done in start() below
+            warmup=warmup and not self.request_fields,
         )
 
     def _behind_guard(
@@ -127,7 +133,29 @@ class LiveServer:
 
             ensure_socket_dir(self.injector.control_path)
         self.process.start()
+        if self.request_fields and isinstance(self.process, ServerProcess):
+            self._warm_up_with_fields()
         return self
+
+    def _warm_up_with_fields(self) -> None:
+        from pytest_metaloom.judge import workload
+
+        workload.BODY_DEFAULTS[self.url] = self.request_fields
+        if not self.warmup:
+            return
+
+        def probe(timeout: float) -> None:
+            obs = workload.chat(
+                self.url, workload.single_turn("hello"), max_tokens=1, deadline=timeout
+            )
+            if obs.status != 200:
+                raise OSError(f"warm-up completion answered {obs.status}: {obs.body[:300]!r}")
+
+        try:
+            self.process._wait_until("ready", self.process.ready_timeout, probe)
+        except BaseException:
+            self.process.stop()
+            raise
 
     def stop(self) -> int | None:
         """Stop the server; a short control-socket dir outside the run dir goes with it."""
@@ -161,6 +189,12 @@ class LiveServer:
     def arm(self, spec: str) -> dict:
         """Arm (replacing whatever was armed) a fault spec in the running server."""
         return self._require_injector().arm(spec)
+
+    def require_runtime(self, timeout: float = 15.0) -> None:
+        """Raise ``RuntimeNotStarted`` (cause and fix) unless some process of the server
+        runs the injector runtime; the matrix checks this once per server start."""
+        injector = self._require_injector()
+        injector.wait_started(timeout, alive=self.is_alive)
 
     def disarm(self) -> dict:
         return self._require_injector().disarm()

@@ -3,7 +3,9 @@ on the server's ``PYTHONPATH``.
 
 Python imports only one ``sitecustomize``, so this one first runs the next one on
 ``sys.path`` (an existing environment keeps working). Unless a ``METALOOM_*``
-variable is set it does nothing else: no mlx import, no package import.
+variable is set it does nothing else: no mlx import, no package import. When one is
+set it only validates the configuration and leaves a watch (``inject/activation.py``):
+the runtime switches on later, and only in the process that evaluates with MLX.
 """
 
 import importlib.util
@@ -53,16 +55,16 @@ def _main() -> None:
     if not any(os.environ.get(v) for v in _CONFIG_VARS):
         return
     try:
-        from pytest_metaloom.inject import runtime
-    except ImportError as exc:
+        from pytest_metaloom.inject import activation, runtime
+    except Exception as exc:  # a broken install must not leave a server running without us
         sys.stderr.write(
-            f"metaloom: cannot import pytest_metaloom.inject.runtime ({exc}); put the directory "
+            f"metaloom: cannot import pytest_metaloom.inject ({exc}); put the directory "
             "that contains the pytest_metaloom package on PYTHONPATH after the bootstrap dir\n"
         )
         _die()
     try:
         runtime.check_env()  # a typo fails the server at once, with the cause
-        runtime.install_when_server_imported()
+        activation.watch()
     except ValueError as exc:
         sys.stderr.write(f"metaloom: bad injector configuration: {exc}\n")
         _die()
