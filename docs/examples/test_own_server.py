@@ -35,6 +35,10 @@ def test_own_server_answers_503_and_resets_cache(own_server):
     fired = [e for e in own_server.events(events_before) if e["event"] == "fired"]
     own_server.disarm()
     again = workload.chat(own_server.url, probe, max_tokens=1, deadline=10)
+    # the server-side cache witness: metaloom follows mlx-lm's LRUPromptCache in any server;
+    # the fewest cached sequences any event showed after the fault
+    events = own_server.events(events_before)
+    cache_counts = [e["cache"]["sequences"] for e in events if e.get("cache")]
 
     outcome = oracle.classify(
         oracle.Facts(
@@ -46,6 +50,7 @@ def test_own_server_answers_503_and_resets_cache(own_server):
             health_after_recovery=workload.health(own_server.url),
             recovery_statuses=[again.status],
             recovery_ok=again.ok,
+            cache_sequences_after=min(cache_counts, default=None),
             cached_tokens_before=warm.cached_tokens,
             cached_tokens_after=again.cached_tokens,
             **oracle.request_facts(affected),
