@@ -266,14 +266,16 @@ class ScenarioRunner:
             fired = None  # neither the event log nor the injector could say
         health_after_fault = workload.health(server.url, timeout=self.stall) if alive else None
         restarts_mid = self._guard_restarts()
-        if (
-            alive
-            and restarts_mid is not None
+        restarted = (
+            restarts_mid is not None
             and guard_restarts_before is not None
             and restarts_mid > guard_restarts_before
-        ):
-            # the guard restarted the worker: recovery is judged once the new worker
-            # answers /health (bounded by the ready timeout); the guard says 503 meanwhile
+        )
+        if alive and self._guarded and (restarted or health_after_fault != 200):
+            # the guard restarted the worker, or is about to (its /health says 503 while the
+            # worker is dead, wedged or restarting; an abort lands moments after the
+            # evaluation returned, so the restart count may not have moved yet): recovery is
+            # judged once a worker serves again, bounded by the ready timeout
             self._wait_serving(self.ready_timeout)
 
         # recovery: the probe first (cache reset evidence), then ordinary requests; the
