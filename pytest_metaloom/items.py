@@ -182,10 +182,9 @@ def _verdict(outcome: str, claimed: bool, allow_unproven: bool) -> str:
     return "unclaimed but graceful" if outcome == "graceful" else "expected gap"
 
 
-def build_record(item: ScenarioItem, result: Any, claimed: bool) -> dict[str, Any]:
+def scenario_fields(item: ScenarioItem) -> dict[str, Any]:
+    """The fields that name a scenario in every record, run or not."""
     scenario = item.scenario
-    outcome = result.outcome.outcome
-    verdict = _verdict(outcome, claimed, _allow_unproven(item))
     return {
         "id": scenario.id,
         "nodeid": item.nodeid,
@@ -196,6 +195,14 @@ def build_record(item: ScenarioItem, result: Any, claimed: bool) -> dict[str, An
         "stream": scenario.stream,
         "site": scenario.site,
         "workload": scenario.workload,
+    }
+
+
+def build_record(item: ScenarioItem, result: Any, claimed: bool) -> dict[str, Any]:
+    outcome = result.outcome.outcome
+    verdict = _verdict(outcome, claimed, _allow_unproven(item))
+    return {
+        **scenario_fields(item),
         "outcome": outcome,
         "expected": "graceful" if claimed else "any (not claimed)",
         "claimed": claimed,
@@ -221,15 +228,7 @@ def not_run_record(item: ScenarioItem, reason: str) -> dict[str, Any]:
     """The report record of a scenario whose server or patch set could not be prepared."""
     scenario = item.scenario
     return {
-        "id": scenario.id,
-        "nodeid": item.nodeid,
-        "patch_set": item.target.label,
-        "fault": scenario.fault,
-        "semantics": scenario.semantics,
-        "path": scenario.path,
-        "stream": scenario.stream,
-        "site": scenario.site,
-        "workload": scenario.workload,
+        **scenario_fields(item),
         "outcome": "not_run",
         "expected": "graceful",
         "claimed": item.target.claims(scenario) if item.target.patch_set is not None else True,

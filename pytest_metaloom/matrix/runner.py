@@ -1,10 +1,8 @@
-"""The built-in OOM scenario matrix and the runner that turns one scenario into facts.
+"""The runner that turns one scenario into facts for the oracle.
 
-A scenario is data (fault, semantics, path, stream, site, workload). The runner
-drives a live server through it: warm a probe prompt, arm the fault for one tagged
-request, send it (with bystanders), then look at everything a client and the event
+It drives a live server through the scenario: warm a probe prompt, arm the fault for one
+tagged request, send it (with bystanders), then look at everything a client and the event
 log can see: process, status line, stream end, /health, recovery, cache reset.
-No pytest here: ``items.py`` turns scenarios into test items.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""The built-in OOM scenario matrix and the runner that turns one scenario into facts.
+"""The built-in OOM scenario matrix: scenarios as data.
 
-A scenario is data (fault, semantics, path, stream, site, workload). The runner
-drives a live server through it: warm a probe prompt, arm the fault for one tagged
-request, send it (with bystanders), then look at everything a client and the event
-log can see: process, status line, stream end, /health, recovery, cache reset.
+A scenario is data (fault, semantics, path, stream, site, workload); ``build_matrix``
+chooses the default or full set and checks the user's filters against the known names.
 No pytest here: ``items.py`` turns scenarios into test items.
 """
 

@@ -1,11 +1,7 @@
-"""Patch sets: which changes to mlx-lm a server run is testing, and what they claim to fix.
+"""``metaloom patchset check``: validate a set and apply it to a scratch overlay.
 
-A patch set is ``stock`` (no change), a single unified diff (``.diff``/``.patch``, paths
-relative to the mlx-lm repository root), or a directory with a ``patchset.toml`` manifest
-and its diffs. The installed ``mlx_lm`` is never modified: diffs are applied with
-``git apply`` to a copy (the *overlay*) that the server finds first on ``PYTHONPATH``.
-The claims say which fault scenarios the set promises to handle gracefully, so a report
-can tell a broken promise ("claimed but not met") from an expected gap.
+Lets a reviewer see, before any server starts, that a patch set parses, applies to the
+installed mlx-lm and claims what its author meant.
 """
 
 from __future__ import annotations

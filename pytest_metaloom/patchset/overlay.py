@@ -1,11 +1,8 @@
-"""Patch sets: which changes to mlx-lm a server run is testing, and what they claim to fix.
+"""Overlays: the installed ``mlx_lm`` copied aside and patched with ``git apply``.
 
-A patch set is ``stock`` (no change), a single unified diff (``.diff``/``.patch``, paths
-relative to the mlx-lm repository root), or a directory with a ``patchset.toml`` manifest
-and its diffs. The installed ``mlx_lm`` is never modified: diffs are applied with
-``git apply`` to a copy (the *overlay*) that the server finds first on ``PYTHONPATH``.
-The claims say which fault scenarios the set promises to handle gracefully, so a report
-can tell a broken promise ("claimed but not met") from an expected gap.
+The installed package is never modified; the server finds the overlay first on
+``PYTHONPATH``. A diff that does not apply is reported with the file, line and hunk, and a
+set made for another mlx-lm version is refused unless the user allows the mismatch.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reports read outcomes; they compute nothing new.
+"""The JSON report and the records it is made of.
 
 Records are the JSON objects each scenario item attaches to its test report
 (``user_properties``), so they reach the controller under pytest-xdist and land in

@@ -1,9 +1,4 @@
-"""Reports read outcomes; they compute nothing new.
-
-Records are the JSON objects each scenario item attaches to its test report
-(``user_properties``), so they reach the controller under pytest-xdist and land in
-JUnit XML as properties without extra work.
-"""
+"""The terminal table of outcomes; it reads records and computes nothing new."""
 
 from __future__ import annotations
 
