@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import copy
 import importlib.metadata
-import inspect
 import os
 import subprocess
 import sys
@@ -25,9 +24,13 @@ VERSION = importlib.metadata.version("mlx-lm")
 
 
 def _package() -> Path:
-    import mlx_lm
+    """The installed mlx_lm, found without importing it: these tests read source text, and
+    importing mlx into the test process is work (and native state) they do not need."""
+    import importlib.util
 
-    return Path(mlx_lm.__file__).parent
+    spec = importlib.util.find_spec("mlx_lm")
+    assert spec is not None and spec.origin, "mlx-lm is not installed"
+    return Path(spec.origin).parent
 
 
 def _functions(path: Path) -> dict[str, tuple[int, int]]:
@@ -73,10 +76,12 @@ def test_site_rule_stands_for_a_real_evaluation_in_installed_mlx_lm(rule, where:
 
 
 def test_prompt_cache_bookkeeping_evaluates_nothing_and_is_no_site() -> None:
-    from mlx_lm.models.cache import LRUPromptCache
-
+    path = _package() / "models" / "cache.py"
+    lines = path.read_text().splitlines()
+    spans = _functions(path)
     for name in ("fetch_nearest_cache", "insert_cache", "trim_to"):
-        source = inspect.getsource(getattr(LRUPromptCache, name))
+        first, last = spans[f"LRUPromptCache.{name}"]
+        source = "\n".join(lines[first - 1 : last])
         assert not any(call in source for call in EVAL_CALLS), name
     assert not any(r.qualname.startswith("LRUPromptCache") for r in RULES)
 
