@@ -8,7 +8,6 @@ stands for, in 0.32.2 and 0.31.3; these tests read the installed mlx-lm (0.32.2 
 from __future__ import annotations
 
 import ast
-import copy
 import importlib.metadata
 import os
 import subprocess
@@ -130,6 +129,10 @@ def test_every_serving_path_evaluation_in_mlx_lm_is_covered() -> None:
 
 
 def test_copy_module_is_what_fetch_uses() -> None:
-    from mlx_lm.models import cache
-
-    assert cache.copy is copy
+    """The fetch copies with the standard library's ``copy.deepcopy`` (read from the
+    installed source), the copy the deep-copy measurement above stands for."""
+    path = _package() / "models" / "cache.py"
+    lines = path.read_text().splitlines()
+    assert "import copy" in lines
+    first, last = _functions(path)["LRUPromptCache.fetch_nearest_cache"]
+    assert "copy.deepcopy(" in "\n".join(lines[first - 1 : last])
