@@ -58,10 +58,10 @@ def test_cpu_progress_counts_the_work_of_a_process_tree():
 
 
 def test_an_injected_hang_stays_hung_until_its_verdict_then_the_server_is_replaced(
-    model_dir,
+    model_dir, tmp_path
 ):
     def new_server() -> LiveServer:
-        return LiveServer(run_dir=tempfile.mkdtemp(prefix="hang-"), model=model_dir)
+        return LiveServer(run_dir=tempfile.mkdtemp(prefix="hang-", dir=tmp_path), model=model_dir)
 
     first = new_server().start()
     runner = ScenarioRunner(first, make_spare=new_server, spares=1)

@@ -99,7 +99,9 @@ class LiveServer:
         else:
             worker = list(command)
         worker = [part.replace("{python}", sys.executable) for part in worker]
-        return guard_command([*worker, *server_args], port="{port}", **self.guard_options), []
+        # the worker logs live in the run dir: a guard killed outright leaves no temp dir
+        options = {"log_dir": str(Path(self.run_dir) / "guard-logs"), **self.guard_options}
+        return guard_command([*worker, *server_args], port="{port}", **options), []
 
     # -- delegation ----------------------------------------------------------------
     @property
