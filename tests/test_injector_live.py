@@ -405,14 +405,19 @@ def test_bootstrap_env_paths_and_early_validation(tmp_path: Path) -> None:
     in_run_dir = str(tmp_path / "r" / "metaloom.sock")
     if len(os.fsencode(in_run_dir)) <= 100:  # fits in sockaddr_un: the socket stays in the run dir
         assert env["METALOOM_CONTROL"] == in_run_dir
-    else:  # a long TMPDIR (CI's private one): the short fallback, which is ours to remove
+    else:  # a long TMPDIR (CI's private one): the process's short socket dir
         assert len(env["METALOOM_CONTROL"]) <= 100
-        Path(env["METALOOM_CONTROL"]).parent.rmdir()
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     long_env = bootstrap_env(deep, base_env={})
-    assert len(long_env["METALOOM_CONTROL"]) <= 100
-    assert long_env["METALOOM_CONTROL"].startswith("/tmp/")
-    Path(long_env["METALOOM_CONTROL"]).parent.rmdir()  # the short fallback dir is ours
+    short = Path(long_env["METALOOM_CONTROL"])
+    assert len(os.fsencode(str(short))) <= 100
+    assert short.parent.parent == Path("/tmp") and short.parent.name.startswith("mlm-")
+    # one short dir per process, one socket name per run dir: building env creates no dir
+    # per call (that is what left hundreds of /tmp/mlm-* behind)
+    other = bootstrap_env(tmp_path / ("f" * 60) / ("g" * 60), base_env={})
+    assert Path(other["METALOOM_CONTROL"]).parent == short.parent
+    assert other["METALOOM_CONTROL"] != str(short)
+    assert bootstrap_env(deep, base_env={})["METALOOM_CONTROL"] == str(short)
     assert long_env["METALOOM_EVENTS"] == str(deep / "events.jsonl")
     with pytest.raises(FaultSpecError, match="did you mean 'cmdbuf_oom'"):
         bootstrap_env(tmp_path / "r", faults="cmdbuf_om")

@@ -188,7 +188,7 @@ def test_case(mlx_server_factory):
 
 
 def test_no_socket_dir_is_left_in_tmp_when_the_run_dir_path_is_long(pytester, model_dir):
-    """A run dir too deep for a Unix socket path puts the socket in /tmp/mlm-*: removed at stop."""
+    """A run dir too deep for a Unix socket path puts the socket in /tmp/mlm-*: gone at the end."""
     out = pytester.path / "control-path"
     pytester.makepyfile(test_case=SOCKET_CASE.format(out=str(out)))
     deep = pytester.path / ("d" * 60) / ("e" * 40)

@@ -7,7 +7,10 @@ test can inspect a server that has already died (the log survives an abort).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -41,42 +44,41 @@ class RuntimeNotStarted(InjectorError):
 _SHORT_DIR_PREFIX = "mlm-"
 
 
+@functools.cache
+def _short_socket_base() -> Path:
+    """One short ``/tmp/mlm-*`` dir per harness process for control sockets whose run-dir
+    path is too long for a Unix socket. It belongs to the process, not to a server: it is
+    removed when the process exits, or by the reaper should the process be killed, so no
+    caller of :func:`bootstrap_env` can leave one behind."""
+    base = Path(tempfile.mkdtemp(prefix=_SHORT_DIR_PREFIX, dir="/tmp"))
+    atexit.register(shutil.rmtree, base, True)
+    from pytest_metaloom.server import reaper
+
+    reaper.register_dir(base)
+    return base
+
+
 def _socket_path(run_dir: Path) -> Path:
     """The control socket's path: in the run dir, or (when that path is too long for a Unix
-    socket) in a short ``/tmp/mlm-*`` dir that :func:`remove_socket_dir` deletes."""
+    socket) named after the run dir in this process's short socket dir."""
     path = run_dir / "metaloom.sock"
     if len(os.fsencode(str(path))) <= _SOCKET_PATH_MAX:
         return path
-    short = Path(tempfile.mkdtemp(prefix=_SHORT_DIR_PREFIX, dir="/tmp"))
-    return short / "ctl.sock"
-
-
-def _short_socket_dir(control_path: str | Path) -> Path | None:
-    parent = Path(control_path).parent
-    if parent.parent == Path("/tmp") and parent.name.startswith(_SHORT_DIR_PREFIX):
-        return parent
-    return None
+    digest = hashlib.sha256(os.fsencode(str(run_dir.resolve()))).hexdigest()[:16]
+    return _short_socket_base() / f"{digest}.sock"
 
 
 def ensure_socket_dir(control_path: str | Path) -> None:
-    """Re-create a short socket dir removed by an earlier stop (a server started again);
-    the reaper removes it should the harness die before :func:`remove_socket_dir`."""
+    """Make sure the socket's directory exists before the server binds it."""
     Path(control_path).parent.mkdir(parents=True, exist_ok=True)
-    short = _short_socket_dir(control_path)
-    if short is not None:
-        from pytest_metaloom.server import reaper
-
-        reaper.register_dir(short)
 
 
 def remove_socket_dir(control_path: str | Path) -> None:
-    """Delete the short ``/tmp/mlm-*`` dir of a stopped server; run dirs are left alone."""
-    short = _short_socket_dir(control_path)
-    if short is not None:
-        shutil.rmtree(short, ignore_errors=True)
-        from pytest_metaloom.server import reaper
-
-        reaper.unregister_dir(short)
+    """Delete a stopped server's socket when it lives in the short dir (run dirs are left
+    alone); the short dir itself goes when the harness process exits."""
+    control = Path(control_path)
+    if control.parent.parent == Path("/tmp") and control.parent.name.startswith(_SHORT_DIR_PREFIX):
+        control.unlink(missing_ok=True)
 
 
 def bootstrap_env(
