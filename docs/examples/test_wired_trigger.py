@@ -23,7 +23,8 @@ def test_tool_loop_crosses_lowered_wired_limit(mlx_server):
     fired = [e for e in mlx_server.events() if e["event"] == "fired"]
     assert fired, f"the limit was never crossed; statuses {answers}"
     assert fired[0]["kind"] == "cmdbuf_oom"
-    assert fired[0]["usage"] > fired[0]["wired_limit"]  # usage = active + cache memory
+    crossing = fired[0]["crossing"]  # the limit this evaluation would have gone over
+    assert crossing["limit"] == "wired" and crossing["value"] > crossing["limit_bytes"]
     # Stock mlx-lm 0.32.2: the batched generation thread died, the process lives on, wedged.
     assert mlx_server.is_alive()
     assert workload.health(mlx_server.url) == 503
