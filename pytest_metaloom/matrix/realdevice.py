@@ -281,7 +281,7 @@ def _chat(server: Any, plan: RealDevicePlan, messages: list[dict], rid: str, **k
     from pytest_metaloom.judge import workload
 
     return workload.chat(
-        server.url,
+        server,
         messages,
         request_id=rid,
         stream=plan.stream,
@@ -426,8 +426,8 @@ def run_real_device(
     limits = pressure.prepare(server)
     probe = workload.single_turn(PROBE_PROMPT)
     seed = plan.seed
-    workload.chat(server.url, probe, max_tokens=1, seed=seed, deadline=plan.deadline)
-    warm = workload.chat(server.url, probe, max_tokens=1, seed=seed, deadline=plan.deadline)
+    workload.chat(server, probe, max_tokens=1, seed=seed, deadline=plan.deadline)
+    warm = workload.chat(server, probe, max_tokens=1, seed=seed, deadline=plan.deadline)
     pid_before = server.pid
     restarts_before = guard_restarts(server)
     events_before = len(server.events())
@@ -475,7 +475,7 @@ def run_real_device(
         cached_after = sequences_after = None
         if alive and fired:
             probe_obs = workload.chat(
-                server.url, probe, max_tokens=1, seed=seed, deadline=plan.deadline
+                server, probe, max_tokens=1, seed=seed, deadline=plan.deadline
             )
             recovery.append(probe_obs)
             cached_after = probe_obs.cached_tokens if probe_obs.ok else None
@@ -484,7 +484,7 @@ def run_real_device(
             )
             recovery.append(
                 workload.chat(
-                    server.url,
+                    server,
                     workload.single_turn("after the real failure"),
                     max_tokens=2,
                     seed=seed,

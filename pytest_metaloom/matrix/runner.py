@@ -104,7 +104,7 @@ class ScenarioRunner:
         kwargs.setdefault("deadline", self.deadline)
         kwargs.setdefault("stall", self.stall)
         kwargs.setdefault("progress", self._progress())
-        return workload.chat(self.server.url, messages, **kwargs)
+        return workload.chat(self.server, messages, **kwargs)
 
     def _progress(self) -> Callable[[], float] | None:
         """CPU seconds of the current server's tree (a new server gets a new counter)."""

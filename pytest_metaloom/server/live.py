@@ -142,14 +142,11 @@ class LiveServer:
     def _warm_up_with_fields(self) -> None:
         from pytest_metaloom.judge import workload
 
-        workload.BODY_DEFAULTS[self.url] = self.request_fields
         if not self.warmup:
             return
 
         def probe(timeout: float) -> None:
-            obs = workload.chat(
-                self.url, workload.single_turn("hello"), max_tokens=1, deadline=timeout
-            )
+            obs = workload.chat(self, workload.single_turn("hello"), max_tokens=1, deadline=timeout)
             if obs.status != 200:
                 raise OSError(f"warm-up completion answered {obs.status}: {obs.body[:300]!r}")
 
