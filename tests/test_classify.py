@@ -404,6 +404,14 @@ def test_cuda_allocator_texts() -> None:
     assert measured.is_oom
     client = classify_file(MEASURED / "h200-cuda-graceful-oom-500.log")
     assert client.is_oom and client.kind == "unable_to_allocate"
+    graph = classify_file(MEASURED / "h200-cuda-graph-instantiate.log")
+    assert (graph.kind, graph.semantics, graph.confidence) == ("unable_to_allocate", "sync", "high")
+    assert graph.is_oom  # any CUDA call that ends "failed: out of memory", not only cudaMalloc*
+    illegal = classify_text(
+        "RuntimeError: cudaGraphLaunch(exec, stream) failed: an illegal memory access was "
+        "encountered\n"
+    )
+    assert not illegal.is_oom  # a CUDA call's other failures say nothing of memory
     sticky = _public("mlx-2821-cuda-managed-terminate")
     assert (sticky.kind, sticky.semantics) == ("unable_to_allocate", "abort")
     assert sticky.confidence == "low"

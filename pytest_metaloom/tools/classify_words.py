@@ -131,6 +131,10 @@ UNABLE = re.compile(
 CUDA_MALLOC = re.compile(
     r"\b(?:cuda\w*Malloc\w*|cuMemAlloc\w*)(?:\([^)]*\))? failed:\s*(?P<why>[^.\n]*)"
 )
+# Any other CUDA runtime or driver call that ran out of device memory: MLX's CUDA backend
+# reports it as "<call>(<args>) failed: out of memory" (measured on an H200: cudaGraphInstantiate
+# while generate_step evaluated the prompt cache).
+CUDA_CALL_OOM = re.compile(r"\b(?:cuda|cu)[A-Z]\w*(?:\([^)]*\))? failed:\s*out of memory")
 CUDA_OOM = re.compile(r"\bCUDA(?: error)?:? out of memory|cudaErrorMemoryAllocation")
 
 
@@ -150,7 +154,7 @@ def message_kind(text: str) -> tuple[str, str] | None:
         # "failed: out of memory" is an OOM; any other reason is a sticky CUDA error met by
         # an allocation, which does not say whether memory ran out
         return "unable_to_allocate", HIGH if "out of memory" in cuda.group("why") else LOW
-    if CUDA_OOM.search(text):
+    if CUDA_OOM.search(text) or CUDA_CALL_OOM.search(text):
         return "unable_to_allocate", HIGH
     return None
 
