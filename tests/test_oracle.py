@@ -163,6 +163,26 @@ def test_runtime_error_needs_500_and_no_cache_reset():
     assert classify(facts).outcome == "graceful"
 
 
+def test_a_graceful_reason_claims_a_cache_reset_only_where_one_was_shown():
+    assert classify(graceful_facts()).reasons[0].endswith("cache reset shown")
+    # a server with no cache witness at all, for a fault that needs no reset (vllm-mlx)
+    facts = graceful_facts(
+        fault="gpu_timeout",
+        needs_cache_reset=False,
+        cache_sequences_after=None,
+        cached_tokens_before=None,
+        cached_tokens_after=None,
+    )
+    outcome = classify(facts)
+    assert outcome.outcome == "graceful"
+    assert "cache reset shown" not in outcome.reasons[0]
+    assert "no cache reset needed for gpu_timeout" in outcome.reasons[0]
+    restarted = graceful_facts(
+        pid_after=None, behind_guard=True, worker_restarted=True, cache_sequences_after=None
+    )
+    assert "fresh worker" in classify(restarted).reasons[0]
+
+
 def test_worst_class_wins_and_every_reason_is_kept():
     outcome = classify(graceful_facts(status=500, cached_tokens_after=9, recovery_ok=False))
     assert outcome.outcome == "wedged"

@@ -329,7 +329,17 @@ def classify(facts: Facts) -> Outcome:
     if facts.fired is False and facts.alive is not False:
         return Outcome(NOT_FIRED, ["the armed fault never fired: the test proved nothing"], facts)
     found = [finding for rule in RULES for finding in rule(facts)]
-    return _decide(found, facts, "survived, answered as expected, recovered, cache reset shown")
+    shown = f"survived, answered as expected, recovered, {_cache_words(facts)}"
+    return _decide(found, facts, shown)
+
+
+def _cache_words(facts: Facts) -> str:
+    """What a graceful verdict says of the cache: only what was needed and shown."""
+    if not facts.needs_cache_reset:
+        return f"no cache reset needed for {facts.fault}"
+    if facts.behind_guard and facts.worker_restarted:
+        return "a fresh worker (the guard reported the restart)"
+    return "cache reset shown"
 
 
 # -- assertion helpers for downstream tests ------------------------------------------
