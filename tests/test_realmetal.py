@@ -201,7 +201,10 @@ def test_metal_oom_runs_one_real_item_per_patch_set_and_restores_sysctl(
     fake_macos.write_text("36864\n")
     pytester.makeconftest(PRETEND_MAC_CONFTEST)
     report = pytester.path / "real.json"
+    # the model is the outer session's: an in-process run that imported mlx itself would
+    # have it dropped with its sys.modules snapshot, and mlx cannot be imported twice
     result = pytester.runpytest(
+        f"--metaloom-model={model_dir}",
         "--metaloom-max-turns=2",
         "-p",
         "no:cacheprovider",
