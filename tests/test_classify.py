@@ -10,7 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from pytest_metaloom.tools.classify import (
     FAULT_KIND_NAMES,
