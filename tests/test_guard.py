@@ -743,7 +743,7 @@ def test_real_server_seed_scenario_abort_then_cold_cache(
 
 # ---- live workers that fail without dying: wedged, or closing without a response -----------
 
-from support import STANDINS  # noqa: E402
+from support import STANDINS, wait_until  # noqa: E402
 
 WEDGING = [sys.executable, str(STANDINS / "wedging_worker.py")]
 CLOSING = [sys.executable, str(STANDINS / "closing_worker.py")]
@@ -960,11 +960,9 @@ def test_lying_health_with_a_stuck_loop_is_503_until_a_completion_finishes(guard
         target=lambda: stuck.append(call(g.url, "/v1/completions", {"behave": "stick"}, t=120))
     )
     client.start()
-    deadline = time.monotonic() + 30
-    code, health = _health(g)
-    while code == 200 and time.monotonic() < deadline:
-        time.sleep(0.1)
-        code, health = _health(g)
+    seen: list[tuple[int, dict[str, Any]]] = []
+    wait_until(lambda: seen.append(_health(g)) or seen[-1][0] != 200)
+    code, health = seen[-1]
     assert code == 503, health
     assert (health["state"], health["code"]) == ("unverified", "worker_unhealthy")
     assert "not proven serving" in health["reason"]
