@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -26,3 +28,19 @@ def alive(pids: list[int]) -> list[int]:
         except psutil.NoSuchProcess:
             pass
     return left
+
+
+# A bound on waiting for something the code under test makes happen (a death, a log line, a
+# removed directory). It is generous on purpose: it keeps a broken run from hanging, and it
+# is never a claim about speed, so a loaded machine does not fail a correct run.
+EVENT_WAIT = 60.0
+
+
+def wait_until(condition: Callable[[], object], timeout: float = EVENT_WAIT) -> bool:
+    """Poll ``condition`` until it is true or ``timeout`` passed; its last value as a bool."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= end:
+            return bool(condition())
+        time.sleep(0.05)
+    return True

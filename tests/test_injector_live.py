@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import wait_until
 
 from pytest_metaloom.inject.faults import (
     FAULT_KINDS,
@@ -123,10 +124,7 @@ def test_exact_text_reaches_server_log_sequential(srv: Live, kind: str) -> None:
     assert fired["kind"] == kind and fired["semantics"] == sem
     assert fired["message"] == text
     assert fired["path"] == "sequential" and fired["site"] == "decode"
-    deadline = time.monotonic() + 10
-    while f"RuntimeError: {text}\n" not in srv.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert f"RuntimeError: {text}\n" in srv.log()
+    assert wait_until(lambda: f"RuntimeError: {text}\n" in srv.log()), srv.log()
     assert srv.health() == 200
     assert srv.post(**SEQ)[0] == 200
 
@@ -215,9 +213,7 @@ def test_abort_kills_with_sigabrt_and_libcxxabi_line(srv: Live, kind: str) -> No
     srv.inj.arm(f"1*{kind}(abort)@site=decode")
     status, _ = srv.post(rid="abort-1")
     assert status is None
-    deadline = time.monotonic() + 15
-    while srv.srv.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not srv.srv.is_alive())
     assert srv.srv.returncode == -6
     assert abort_line(message(kind, "abort")) + "\n" in srv.log()
     fired = srv.inj.wait_for("fired", since=since, timeout=1)
