@@ -44,3 +44,22 @@ def wait_until(condition: Callable[[], object], timeout: float = EVENT_WAIT) -> 
             return bool(condition())
         time.sleep(0.05)
     return True
+
+
+# mlx-lm lines that only wait: every array they evaluate was already evaluated, or
+# committed by the ``mx.async_eval`` just before, so MLX allocates nothing there.
+# ``tests/test_sites.py`` reads them in the installed mlx-lm.
+WAIT_ONLY_LINES: dict[str, dict[str, str]] = {
+    "0.32.2": {
+        "generate.py:474": "mx.eval(y)",
+        "generate.py:478": "y.item()",
+        "generate.py:1439": "mx.eval(inputs, self._current_logprobs)",
+        "generate.py:1440": "inputs.tolist()",
+    },
+    "0.31.3": {
+        "generate.py:462": "mx.eval(y)",
+        "generate.py:466": "y.item()",
+        "generate.py:1374": "mx.eval(inputs, self._current_logprobs)",
+        "generate.py:1375": "inputs.tolist()",
+    },
+}

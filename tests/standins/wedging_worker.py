@@ -71,6 +71,9 @@ class Loop:
             if behave == "wedge" and i == int(req.get("die_at", 0)):
                 raise RuntimeError(req.get("error", OOM))
             rq.put({"i": i, "pid": os.getpid(), "echo": req.get("prompt")})
+        if behave == "wedge_quietly":
+            # dead to /health before the answer ends, so a test that asks after it is ordered
+            self.failed = True
         rq.put(None)
         if behave == "wedge_quietly":
             raise RuntimeError(req.get("error", OOM))
