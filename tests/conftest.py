@@ -8,6 +8,18 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _mlx_outlives_in_process_runs(request: pytest.FixtureRequest) -> None:
+    """Import MLX before a pytester test can run pytest in-process.
+
+    Pytester drops, after an in-process run, every module first imported during it; MLX's
+    nanobind extension cannot be imported a second time in one process (it aborts the
+    whole worker: 'duplicate key "cpu"'). Imported here, MLX is in the snapshot and kept.
+    """
+    if "pytester" in request.fixturenames:
+        import mlx.core  # noqa: F401
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     from pytest_metaloom.server.model import ModelSpec, build_tiny_model
