@@ -8,6 +8,7 @@ real sockets and real signals either way.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -783,6 +784,60 @@ def test_wedged_in_flight_gets_503_and_the_worker_is_replaced(guards, tmp_path) 
     log = g.log_lines.text()
     assert f"worker pid={first} exited rc=-9 cause=wedged" in log
     assert "its /health answered 503" in log and "generation loop died" in log
+
+
+def _answer_error(base: str, body: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+    """POST; the status and the structured error the client got (SSE event or JSON body)."""
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode())
+        resp = conn.getresponse()
+        raw = resp.read().decode()
+    finally:
+        conn.close()
+    texts = [line[5:].strip() for line in raw.splitlines() if line.startswith("data:")] or [raw]
+    for text in texts:
+        with contextlib.suppress(ValueError):
+            data = json.loads(text)
+            if isinstance(data, dict) and "error" in data:
+                return resp.status, data["error"]
+    return resp.status, None
+
+
+def test_requests_ended_by_one_failure_hear_one_answer(guards, tmp_path) -> None:
+    """A stream's loop dies of a non-memory error while a second request waits behind it. The
+    guard proves the failure once (500 server_error, worker replaced); the waiting request,
+    cut when the worker is ended, gets that same answer, not a word ("worker_wedged", 503)
+    that depends on whether its connection closed before or after the proof."""
+    gate, doomed_in, waiting_in = tmp_path / "gate", tmp_path / "doomed", tmp_path / "waiting"
+    g = guards(WEDGING, backoff=0.05)
+    assert g.wait_serving()
+    first = g.status()["worker_pid"]
+    doomed = {"stream": True, "events": 3, "behave": "wedge", "die_at": 1, "error": NON_OOM}
+    doomed |= {"gate": str(gate), "queued": str(doomed_in)}
+    waiting = {"stream": True, "events": 3, "notice": False, "queued": str(waiting_in)}
+    answers: dict[str, Any] = {}
+
+    def send(name: str, body: dict[str, Any]) -> None:
+        answers[name] = _answer_error(g.url, body)
+
+    threads = [threading.Thread(target=send, args=("doomed", doomed), daemon=True)]
+    threads[0].start()
+    assert wait_until(doomed_in.exists)  # the loop has the doomed request first
+    threads.append(threading.Thread(target=send, args=("waiting", waiting), daemon=True))
+    threads[1].start()
+    assert wait_until(waiting_in.exists)  # the second one waits behind it
+    gate.touch()  # only now may the loop die
+    for t in threads:
+        t.join(timeout=180)
+    assert not any(t.is_alive() for t in threads)
+    code, affected = answers["doomed"]
+    assert code == 200 and affected is not None, answers  # an error event in the started stream
+    assert (affected["type"], affected["code"]) == ("server_error", "internal_error"), affected
+    code, bystander = answers["waiting"]
+    assert code == 500 and bystander == affected, answers
+    assert g.wait_serving() and g.status()["worker_pid"] != first
 
 
 def test_wedged_mid_stream_ends_with_error_event_and_done(guards) -> None:

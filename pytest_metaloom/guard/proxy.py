@@ -27,7 +27,7 @@ from pytest_metaloom.guard import diagnose, probe
 from pytest_metaloom.guard.causes import Cause, forced_cause
 from pytest_metaloom.guard.config import GuardConfig
 from pytest_metaloom.guard.evidence import read_failure, says_wedged
-from pytest_metaloom.guard.failures import Reply, cause_error, death_reply, decide, error_body
+from pytest_metaloom.guard.failures import Reply, death_reply, decide, error_body
 from pytest_metaloom.guard.supervisor import Supervisor, WorkerRun
 from pytest_metaloom.guard.watchdog import RECV, SEND, Watch, Watchdog
 
@@ -362,6 +362,13 @@ class GuardHandler(BaseHTTPRequestHandler):
         w.since = time.monotonic()
         return data
 
+    @staticmethod
+    def _death_answer(run: WorkerRun, cause: Cause | None) -> Reply:
+        """The answer for a request ``run``'s end cut: the failure the guard already proved
+        for this run when it retired it (so requests ended by one failure hear one answer),
+        else the death's own cause."""
+        return run.failure_reply if run.failure_reply is not None else death_reply(cause)
+
     def _lost(self, run: WorkerRun) -> Cause | None:
         """The watchdog ended ``run``: wait (bounded) for the reaper to record why."""
         sup = self.server.supervisor
@@ -388,9 +395,11 @@ class GuardHandler(BaseHTTPRequestHandler):
             # the worker's side is over: the hang bound must not fire on the diagnosis itself
             self._watch.done = True
         run.proof.doubt(f"a relayed {self.command} {self.path.split('?', 1)[0]} failed")
+        if run.failure_reply is not None:
+            return run.failure_reply  # the failure that ended this run is already proven
         cause = self._confirm_death(run, 0.05)
         if cause is not None:
-            return death_reply(cause)
+            return self._death_answer(run, cause)
         failure = read_failure(run.log_since(mark))
         token = run.proof.token()
         health = diagnose.check(run, sup.config)
@@ -398,10 +407,12 @@ class GuardHandler(BaseHTTPRequestHandler):
             run.proof.proven(token, "a one-token completion the guard sent")
         if health.state == diagnose.DEAD:
             if run.retired is not None:
-                return death_reply(run.retired)
-            return death_reply(self._confirm_death(run, _DEATH_GRACE))
+                return self._death_answer(run, run.retired)
+            return self._death_answer(run, self._confirm_death(run, _DEATH_GRACE))
         reply = decide(health, failure, said_wedged=said_wedged)
         if reply.cause is not None:
+            if run.failure_reply is None and not reply.retry:
+                run.failure_reply = reply
             sup.retire(run, reply.cause)
         return reply
 
@@ -429,14 +440,14 @@ class GuardHandler(BaseHTTPRequestHandler):
                         retry_after=False,
                     )
         except _WorkerLost as lost:
-            return death_reply(lost.cause)
+            return self._death_answer(run, lost.cause)
         head, _, rest = buf.partition(b"\r\n\r\n")
         status, out_head, framing = self._rewrite_head(head)
         if status >= 400 and not framing["sse"] and self.command != "HEAD":
             try:
                 rest, complete = self._read_error_body(sock, w, framing, rest)
             except _WorkerLost as lost:
-                return death_reply(lost.cause)
+                return self._death_answer(run, lost.cause)
             if says_wedged(rest):
                 return self._failed(run, mark, said_wedged=True)
             if self.command == "POST" and (status >= 500 or status == 404):
@@ -527,16 +538,19 @@ class GuardHandler(BaseHTTPRequestHandler):
             try:
                 data = self._recv(sock, w)
             except _WorkerLost as lost:
+                answer = self._death_answer(run, lost.cause)
                 if framing.get("held_head"):
-                    return death_reply(lost.cause)
-                self._end_broken(framing, tail, cause_error(lost.cause))
+                    return answer
+                self._end_broken(framing, tail, answer.body)
                 return None
             if not data:
                 abnormal = framing["sse"] or length is not None
                 cause = self._confirm_death(run, 0.05)
                 if cause is None and not abnormal:
                     return self._finished(run, status, framing)  # a close-delimited body ended
-                reply = death_reply(cause) if cause is not None else self._failed(run, mark)
+                reply = (
+                    self._death_answer(run, cause) if cause is not None else self._failed(run, mark)
+                )
                 if framing.get("held_head"):
                     return reply  # nothing reached the client yet: a real status line
                 self._end_broken(framing, tail, reply.body)

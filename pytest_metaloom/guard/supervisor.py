@@ -52,6 +52,9 @@ class WorkerRun:
         self.check_lock = threading.Lock()
         # proven serving only by a finished completion (the warm-up, a relayed one, a probe)
         self.proof = Proof("no completion has finished since the worker started")
+        # the answer the guard proved for this run's failure (``failures.Reply``): every
+        # request the same failure ends gets it, not a word that depends on who came last
+        self.failure_reply: Any = None
 
     @property
     def retired(self) -> Cause | None:
