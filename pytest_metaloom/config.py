@@ -45,7 +45,9 @@ class Settings:
     metaloom_real_metal: bool = default("metaloom_real_metal")
     metaloom_real_device: bool = default("metaloom_real_device")
     metaloom_headroom: str = default("metaloom_headroom")
+    metaloom_headroom_cmd: str | None = default("metaloom_headroom_cmd")
     metaloom_turn_words: int = default("metaloom_turn_words")
+    metaloom_max_turns: int = default("metaloom_max_turns")
     metaloom_model_spec: str | None = default("metaloom_model_spec")
     metaloom_sysctl: bool = default("metaloom_sysctl")
 
@@ -80,6 +82,11 @@ class Settings:
             return shlex.split(self.metaloom_server_cmd)
         command = self.profile.command
         return list(command) if command else None
+
+    @property
+    def headroom_command(self) -> list[str] | None:
+        """--metaloom-headroom-cmd split into argv (None: the built-in helper)."""
+        return shlex.split(self.metaloom_headroom_cmd) if self.metaloom_headroom_cmd else None
 
     @property
     def server_args(self) -> list[str]:

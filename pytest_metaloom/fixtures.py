@@ -1,10 +1,11 @@
 """Fixtures, fixture factories and the per-session state (the pytest face of ``LiveServer``).
 
 Everything a session holds (its settings, the servers it started, the matrix pool, the
-SIGTERM handler it installed) lives on one :class:`SessionState` in ``config.stash``:
-an in-process pytester run has its own config and so its own state, and never stops
-the outer session's servers. Imports of mlx and the server machinery happen inside the
-fixtures, so merely loading the plugin stays cheap.
+real-device squeeze (headroom helper, lowered ceilings), the SIGTERM handler it
+installed) lives on one :class:`SessionState` in ``config.stash``: an in-process
+pytester run has its own config and so its own state, and never stops the outer
+session's servers or releases the outer session's squeeze. Imports of mlx and the
+server machinery happen inside the fixtures, so merely loading the plugin stays cheap.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class SessionState:
         self.servers: weakref.WeakSet[Any] = weakref.WeakSet()
         self.pool: Any = None
         self.records: list[dict[str, Any]] = []
-        self.sysctl_cleanup = False
+        self._device: Any = None
         self.started_any = False
         self._sigterm_installed = False
 
@@ -78,6 +79,15 @@ class SessionState:
                 signal.signal(signal.SIGTERM, _raise_interrupt)
                 self._sigterm_installed = True
 
+    @property
+    def device(self) -> Any:
+        """This session's real-device squeeze (``backends.DeviceSession``), made on first use."""
+        if self._device is None:
+            from pytest_metaloom.matrix.backends import DeviceSession
+
+            self._device = DeviceSession(self.settings.headroom_command)
+        return self._device
+
     def stop_servers(self) -> None:
         """Stop every server this session started and that is still running."""
         for server in list(self.servers):
@@ -85,7 +95,11 @@ class SessionState:
                 server.stop()
 
     def close(self) -> None:
-        """End of the session: the pool, the servers, the signal handler."""
+        """End of the session (also after Ctrl-C, and SIGTERM, which ``arm_sigterm`` turns
+        into one): the pool, the servers, this session's squeeze, the signal handler.
+
+        A ceiling that could not be put back is raised at the end: it must not pass unseen.
+        """
         if self.pool is not None:
             pool, self.pool = self.pool, None
             with contextlib.suppress(Exception):
@@ -96,11 +110,16 @@ class SessionState:
 
             with contextlib.suppress(Exception):
                 ports.tidy()
-        if self._sigterm_installed:
-            with contextlib.suppress(ValueError):
-                if signal.getsignal(signal.SIGTERM) is _raise_interrupt:
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            self._sigterm_installed = False
+        device, self._device = self._device, None
+        try:
+            if device is not None:
+                device.release()  # its own helper and ceilings, never another session's
+        finally:
+            if self._sigterm_installed:
+                with contextlib.suppress(ValueError):
+                    if signal.getsignal(signal.SIGTERM) is _raise_interrupt:
+                        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                self._sigterm_installed = False
 
 
 STATE = pytest.StashKey[SessionState]()

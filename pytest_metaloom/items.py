@@ -316,7 +316,7 @@ class RealMetalItem(pytest.Item):
         return ("metaloom", None, self.name)
 
     def setup(self) -> None:
-        from pytest_metaloom.matrix import backends, realdevice, realmetal
+        from pytest_metaloom.matrix import realdevice, realmetal
 
         if self.device:
             reason = realdevice.unavailable_reason()
@@ -324,25 +324,23 @@ class RealMetalItem(pytest.Item):
             reason = realmetal.metal_unavailable_reason()
         if reason:
             pytest.skip(reason)
-        state = state_of(self.config)
-        if not state.sysctl_cleanup:
-            # session teardown (also reached on Ctrl-C and on SIGTERM, which the plugin
-            # turns into KeyboardInterrupt) puts back any ceiling still lowered and
-            # stops any headroom helper still holding GPU memory
-            self.config.add_cleanup(backends.release_everything)
-            state.sysctl_cleanup = True
 
     def runtest(self) -> None:
         from pytest_metaloom.matrix import backends, realdevice, realmetal
 
         pool = _pool(self)
         pool.runner(self.target)
+        # the squeeze belongs to this session's state: its teardown (also reached on
+        # Ctrl-C and on SIGTERM) stops this session's helper and puts back its ceilings
+        device = state_of(self.config).device
         if self.device:
-            plan, pressure = backends.plan_for(pool.settings, pool.model)
+            plan, pressure = backends.plan_for(pool.settings, pool.model, device)
             result = realdevice.run_real_device(self.target.server, plan, pressure)
         else:
             result = realmetal.run_real_scenario(
-                self.target.server, realmetal.plan_for(pool.settings, pool.model)
+                self.target.server,
+                realmetal.plan_for(pool.settings, pool.model),
+                ceilings=device.ceilings,
             )
         claimed = self.target.patch_set is None or (
             result.kind is not None
@@ -396,9 +394,12 @@ def build_real_record(item: RealMetalItem, result: Any, claimed: bool) -> dict[s
         argv.append("--metaloom-sysctl")
     if settings.metaloom_model:
         argv += ["--metaloom-model", settings.metaloom_model]
+    if settings.metaloom_max_turns != Settings().metaloom_max_turns:
+        argv += ["--metaloom-max-turns", str(settings.metaloom_max_turns)]
     if item.device:
         for name, value in (
             ("--metaloom-headroom", settings.metaloom_headroom),
+            ("--metaloom-headroom-cmd", settings.metaloom_headroom_cmd),
             ("--metaloom-turn-words", settings.metaloom_turn_words),
             ("--metaloom-model-spec", settings.metaloom_model_spec),
         ):

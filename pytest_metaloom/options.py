@@ -39,6 +39,10 @@ class Option:
         return "PYTEST_" + self.ini.upper()
 
 
+TURN_WORDS: dict[str, int] = {"metal": 120, "cuda": 1400}
+"""Words of tool output a real-device tool-loop turn adds when --metaloom-turn-words is 0,
+per backend (CUDA: about 9.4k tokens a turn with the built-in model's tokenizer)."""
+
 OPTIONS: tuple[Option, ...] = (
     Option("--metal-oom", "Collect and run the built-in Metal OOM scenario matrix.", False, "bool"),
     Option(
@@ -207,10 +211,24 @@ OPTIONS: tuple[Option, ...] = (
         metavar="SIZE",
     ),
     Option(
+        "--metaloom-headroom-cmd",
+        "With --metaloom-real-device on CUDA: command line of the headroom helper (it speaks "
+        "the JSON-lines protocol of pytest_metaloom.server.headroom; default: that module "
+        "run with this Python).",
+        metavar="CMD",
+    ),
+    Option(
         "--metaloom-turn-words",
         "With --metaloom-real-device: words of tool output each tool-loop turn adds "
-        "(0: 120 on Metal, 1400 on CUDA, about 9.4k tokens).",
+        f"(0: {TURN_WORDS['metal']} on Metal, {TURN_WORDS['cuda']} on CUDA, about 9.4k tokens).",
         0,
+        "int",
+    ),
+    Option(
+        "--metaloom-max-turns",
+        "With --metaloom-real-device or --metaloom-real-metal: tool-loop turns driven before a "
+        "run in which nothing failed for real counts as not fired.",
+        24,
         "int",
     ),
     Option(

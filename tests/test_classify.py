@@ -10,7 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from pytest_metaloom.tools.classify import (
     FAULT_KIND_NAMES,
@@ -301,9 +305,17 @@ def test_classify_doc_states_the_corpus_size() -> None:
     """The docs page's numbers are the corpus's, not a stale copy."""
     entries = _manifest(PUBLIC)
     high = sum(e["confidence"] == "high" for e in entries)
+    low = len(entries) - high
+    right_high = sum(_verdict(e, PUBLIC)[0] for e in entries if e["confidence"] == "high")
+    right_low = sum(_verdict(e, PUBLIC)[0] for e in entries if e["confidence"] == "low")
+    heldout = [e["id"] for e in entries if e.get("heldout")]
     text = CLASSIFY_DOC.read_text()
     assert f"{len(entries)} public logs" in text
-    assert f"{high} high-confidence" in text
+    # the score table's rows are recomputed here, so the page cannot keep a stale score
+    assert f"| {high} high-confidence logs | {high} | **{right_high} (" in text
+    low_row = f"| {low} low-confidence logs (the classifier must say `low`) | {low} | {right_low} |"
+    assert low_row in text
+    assert f"{len(heldout)} more logs were collected" in text, heldout
 
 
 def _public(name: str) -> Classification:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+from support import wait_until
 
 from pytest_metaloom.inject import faults
 from pytest_metaloom.judge import oracle
@@ -241,9 +241,7 @@ def test_example_runs(name: str, pytester: pytest.Pytester, example_env: None) -
     try:
         result.assert_outcomes(**EXAMPLE_OUTCOMES[name])
     finally:
-        deadline = time.monotonic() + 10
-        while _servers_started_under(pytester.path) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: not _servers_started_under(pytester.path))
         left = _servers_started_under(pytester.path)
         for pid in left:
             psutil.Process(pid).kill()

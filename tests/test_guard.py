@@ -8,6 +8,7 @@ real sockets and real signals either way.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -244,6 +245,8 @@ def test_bad_input_names_cause_and_fix() -> None:
         Guard([], port=0)
     with pytest.raises(GuardConfigError, match="--queue-timeout must be >= 0"):
         Guard(["w"], port=0, queue_timeout=-1)
+    with pytest.raises(GuardConfigError, match="--proof-window must be >= 0"):
+        Guard(["w"], port=0, proof_window=-1)
     with pytest.raises(SystemExit):
         guard_main(["--port", "0"])  # no worker command
 
@@ -741,7 +744,7 @@ def test_real_server_seed_scenario_abort_then_cold_cache(
 
 # ---- live workers that fail without dying: wedged, or closing without a response -----------
 
-from support import STANDINS  # noqa: E402
+from support import STANDINS, wait_until  # noqa: E402
 
 WEDGING = [sys.executable, str(STANDINS / "wedging_worker.py")]
 CLOSING = [sys.executable, str(STANDINS / "closing_worker.py")]
@@ -781,6 +784,60 @@ def test_wedged_in_flight_gets_503_and_the_worker_is_replaced(guards, tmp_path) 
     log = g.log_lines.text()
     assert f"worker pid={first} exited rc=-9 cause=wedged" in log
     assert "its /health answered 503" in log and "generation loop died" in log
+
+
+def _answer_error(base: str, body: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+    """POST; the status and the structured error the client got (SSE event or JSON body)."""
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode())
+        resp = conn.getresponse()
+        raw = resp.read().decode()
+    finally:
+        conn.close()
+    texts = [line[5:].strip() for line in raw.splitlines() if line.startswith("data:")] or [raw]
+    for text in texts:
+        with contextlib.suppress(ValueError):
+            data = json.loads(text)
+            if isinstance(data, dict) and "error" in data:
+                return resp.status, data["error"]
+    return resp.status, None
+
+
+def test_requests_ended_by_one_failure_hear_one_answer(guards, tmp_path) -> None:
+    """A stream's loop dies of a non-memory error while a second request waits behind it. The
+    guard proves the failure once (500 server_error, worker replaced); the waiting request,
+    cut when the worker is ended, gets that same answer, not a word ("worker_wedged", 503)
+    that depends on whether its connection closed before or after the proof."""
+    gate, doomed_in, waiting_in = tmp_path / "gate", tmp_path / "doomed", tmp_path / "waiting"
+    g = guards(WEDGING, backoff=0.05)
+    assert g.wait_serving()
+    first = g.status()["worker_pid"]
+    doomed = {"stream": True, "events": 3, "behave": "wedge", "die_at": 1, "error": NON_OOM}
+    doomed |= {"gate": str(gate), "queued": str(doomed_in)}
+    waiting = {"stream": True, "events": 3, "notice": False, "queued": str(waiting_in)}
+    answers: dict[str, Any] = {}
+
+    def send(name: str, body: dict[str, Any]) -> None:
+        answers[name] = _answer_error(g.url, body)
+
+    threads = [threading.Thread(target=send, args=("doomed", doomed), daemon=True)]
+    threads[0].start()
+    assert wait_until(doomed_in.exists)  # the loop has the doomed request first
+    threads.append(threading.Thread(target=send, args=("waiting", waiting), daemon=True))
+    threads[1].start()
+    assert wait_until(waiting_in.exists)  # the second one waits behind it
+    gate.touch()  # only now may the loop die
+    for t in threads:
+        t.join(timeout=180)
+    assert not any(t.is_alive() for t in threads)
+    code, affected = answers["doomed"]
+    assert code == 200 and affected is not None, answers  # an error event in the started stream
+    assert (affected["type"], affected["code"]) == ("server_error", "internal_error"), affected
+    code, bystander = answers["waiting"]
+    assert code == 500 and bystander == affected, answers
+    assert g.wait_serving() and g.status()["worker_pid"] != first
 
 
 def test_wedged_mid_stream_ends_with_error_event_and_done(guards) -> None:
@@ -932,6 +989,109 @@ def test_closing_worker_proven_healthy_gets_502_and_is_kept(guards) -> None:
     assert "Retry-After" not in headers
     assert call(g.url, "/v1/completions", {"prompt": "x"})[0] == 200
     assert g.status()["worker_pid"] == first and g.status()["restarts"] == 0
+
+
+# ---- the guard's /health is proven by completions, not relayed from the worker's ----------
+
+LYING = [sys.executable, str(STANDINS / "lying_worker.py")]
+
+
+def _posts(g: Guard) -> int:
+    """POSTs the lying stand-in received so far (the guard's warm-up and probes included)."""
+    code, _, body = call(g.url, "/standin/posts")
+    assert code == 200, body
+    return int(json.loads(body)["posts"])
+
+
+def test_lying_health_with_a_stuck_loop_is_503_until_a_completion_finishes(guards) -> None:
+    """The stand-in's loop sticks while its own /health keeps answering 200 and the watchdog is
+    off. Once the warm-up's proof is past the window the guard's /health must prove the loop:
+    503 naming why while it cannot, 200 again only after a completion finished."""
+    g = guards(LYING, hang_timeout=0, proof_window=0.5, probe_timeout=1.0)
+    assert g.wait_serving()
+    assert _health(g)[0] == 200
+    stuck: list[Any] = []
+    client = threading.Thread(
+        target=lambda: stuck.append(call(g.url, "/v1/completions", {"behave": "stick"}, t=120))
+    )
+    client.start()
+    seen: list[tuple[int, dict[str, Any]]] = []
+    wait_until(lambda: seen.append(_health(g)) or seen[-1][0] != 200)
+    code, health = seen[-1]
+    assert code == 503, health
+    assert (health["state"], health["code"]) == ("unverified", "worker_unhealthy")
+    assert "not proven serving" in health["reason"]
+    assert "its /health answered 200" in health["reason"]
+    assert "a one-token completion did not answer within 1s" in health["reason"]
+    assert _health(g)[0] == 503  # still stuck, still not 200
+    assert g.status()["restarts"] == 0  # unproven is not proven wedged: the worker is kept
+    assert call(g.url, "/standin/release")[0] == 200
+    client.join(60)
+    assert stuck and stuck[0][0] == 200
+    code, health = _health(g)
+    assert code == 200, health
+    assert health["proven_by"] in ("a relayed completion", "a one-token completion the guard sent")
+
+
+def test_lying_health_after_the_loop_died_quietly_is_503_and_the_worker_replaced(guards) -> None:
+    """Completions get 500 (no word about the loop) while the worker's /health says 200: the
+    guard's /health must not relay that 200; it proves the worker wedged and replaces it."""
+    g = guards(LYING, backoff=0.05)
+    assert g.wait_serving()
+    first = g.status()["worker_pid"]
+    code, _, body = call(g.url, "/v1/completions", {"behave": "break"})
+    assert code == 500, body  # the worker's own answer, relayed
+    code, health = _health(g)
+    assert code == 503, health
+    assert health["code"] == "wedged", health
+    assert "a one-token completion answered 500" in health["reason"]
+    assert g.wait_serving()
+    code, health = _health(g)
+    assert code == 200 and health["worker_pid"] != first, health
+    assert health["proven_by"] == "the warm-up completion"
+    assert g.status()["last_cause"]["kind"] == "wedged"
+
+
+def test_lying_health_with_completions_answered_404_stays_503(guards) -> None:
+    """A 404 without the wedge words proves no wedge, but nothing proves serving either."""
+    g = guards(LYING, backoff=0.05)
+    assert g.wait_serving()
+    assert call(g.url, "/v1/completions", {"behave": "break", "code": 404})[0] == 404
+    for _ in range(2):
+        code, health = _health(g)
+        assert code == 503 and health["code"] == "worker_unhealthy", health
+        assert "a one-token completion answered 404" in health["reason"]
+        assert "answered 404 to POST /v1/completions" in health["reason"]
+    assert g.status()["restarts"] == 0
+
+
+def test_health_is_cheap_while_proven_and_a_doubt_costs_one_shared_diagnosis(guards) -> None:
+    """Polls after a finished completion send the worker no completion; after a failed one,
+    a burst of concurrent polls shares one diagnosis (one probe), and the polls after it none.
+    (proof_window=0: proofs expire only by failures, so no clock is involved.)"""
+    g = guards(LYING, proof_window=0)
+    assert g.wait_serving()
+    assert call(g.url, "/v1/completions", {"prompt": "x"})[0] == 200
+    before = _posts(g)
+    polled = [_health(g) for _ in range(20)]
+    assert [code for code, _ in polled] == [200] * 20
+    assert _posts(g) == before
+    assert call(g.url, "/v1/completions", {"behave": "fail"})[0] == 500
+    failed = _posts(g)
+    assert failed == before + 1
+    codes: list[int] = []
+    polls = [threading.Thread(target=lambda: codes.append(_health(g)[0])) for _ in range(8)]
+    for t in polls:
+        t.start()
+    for t in polls:
+        t.join(60)
+    assert codes == [200] * 8
+    assert _posts(g) == failed + 1  # one probe for all eight
+    later = [_health(g) for _ in range(10)]
+    assert [code for code, _ in later] == [200] * 10
+    assert _posts(g) == failed + 1
+    assert {h.get("proven_by") for _, h in polled} == {"a relayed completion"}
+    assert {h.get("proven_by") for _, h in later} == {"a one-token completion the guard sent"}
 
 
 # ---- the matrix through the guard: stock rows that wedge the worker ------------------------

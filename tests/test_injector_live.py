@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import WAIT_ONLY_LINES, wait_until
 
 from pytest_metaloom.inject.faults import (
     FAULT_KINDS,
@@ -123,10 +124,7 @@ def test_exact_text_reaches_server_log_sequential(srv: Live, kind: str) -> None:
     assert fired["kind"] == kind and fired["semantics"] == sem
     assert fired["message"] == text
     assert fired["path"] == "sequential" and fired["site"] == "decode"
-    deadline = time.monotonic() + 10
-    while f"RuntimeError: {text}\n" not in srv.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert f"RuntimeError: {text}\n" in srv.log()
+    assert wait_until(lambda: f"RuntimeError: {text}\n" in srv.log()), srv.log()
     assert srv.health() == 200
     assert srv.post(**SEQ)[0] == 200
 
@@ -215,9 +213,7 @@ def test_abort_kills_with_sigabrt_and_libcxxabi_line(srv: Live, kind: str) -> No
     srv.inj.arm(f"1*{kind}(abort)@site=decode")
     status, _ = srv.post(rid="abort-1")
     assert status is None
-    deadline = time.monotonic() + 15
-    while srv.srv.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not srv.srv.is_alive())
     assert srv.srv.returncode == -6
     assert abort_line(message(kind, "abort")) + "\n" in srv.log()
     fired = srv.inj.wait_for("fired", since=since, timeout=1)
@@ -571,3 +567,34 @@ def test_stream_fault_after_tokens_ends_without_done_on_stock(srv: Live) -> None
     assert not obs.done and obs.error_event is None  # then the stream just stopped
     assert not obs.timed_out
     assert srv.health() == 200  # the sequential path survives
+
+
+# Evaluation counts that put the n-th matching evaluation on each kind of call in turn
+# (generate_step: async_eval of the next token, y.item() of this one, the server's
+# logprobs[token].item()), and memory-caused points over the same counts. Their limit is
+# absolute and tiny, so every evaluation is over it: one relative to the usage when armed
+# can stay uncrossed when the request evicts prompt-cache entries.
+WAIT_SWEEP = [f"site=decode,path=sequential,after_evals={k}" for k in range(6)] + [
+    f"memory=1KiB,path=sequential,after_evals={k}" for k in range(2, 6)
+]
+
+
+def test_allocator_faults_never_fire_where_mlx_lm_only_waits(srv: Live) -> None:
+    """An allocator fault whose count or memory crossing comes due at ``y.item()`` or
+    ``mx.eval(y)`` (which only wait on work committed by ``mx.async_eval``) is held
+    there and fires at the next evaluation that allocates."""
+    if VERSION not in WAIT_ONLY_LINES:
+        pytest.skip(f"no wait-only lines named for mlx-lm {VERSION}")
+    waits = WAIT_ONLY_LINES[VERSION]
+    seen = []
+    for i, filters in enumerate(WAIT_SWEEP):
+        since = srv.mark()
+        srv.inj.arm(f"1*resource_limit@{filters}")
+        srv.post(f"wait sweep {i}", rid=f"wait-{i}", **SEQ)
+        fired = srv.inj.wait_for("fired", since=since)
+        srv.inj.disarm()
+        assert fired["timing"] == "instead" and fired["request_ids"] == [f"wait-{i}"]
+        seen.append((filters, fired["where"], fired.get("held")))
+        assert srv.health() == 200  # the sequential path drops the request, not the thread
+    assert [s for s in seen if s[1].split()[0] in waits] == []
+    assert sum(h for _, _, h in seen) > 0, f"no point came due at a wait: {seen}"

@@ -159,3 +159,15 @@ def test_the_test_environment_is_pinned_in_one_file_and_used_everywhere():
     ]
     exact = [r for r in requirements if any(s.operator == "==" for s in Requirement(r).specifier)]
     assert not exact
+
+
+def test_architecture_names_every_module():
+    """ARCHITECTURE.md's module table is the newcomer's map: a module missing from it is a
+    part of the chain nobody was told about."""
+    text = (PACKAGE.parent / "ARCHITECTURE.md").read_text()
+    missing = [
+        path.relative_to(PACKAGE).as_posix()
+        for path in MODULES.values()
+        if path.name != "__init__.py" and f"`{path.relative_to(PACKAGE).as_posix()}`" not in text
+    ]
+    assert not missing, f"ARCHITECTURE.md's module table does not name: {missing}"

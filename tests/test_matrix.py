@@ -92,3 +92,25 @@ def test_same_seed_same_requests():
     replay = ScenarioRunner(None, seed=3)
     assert [replay.request_id(scenario), replay.request_id(scenario)] == [first, second]
     assert ScenarioRunner(None, seed=4).request_id(scenario) != first
+
+
+def test_bystanders_only_where_requests_share_the_batch():
+    """The sequential path serves one request at a time: nothing is in flight beside the
+    affected request there, so a bystander could only answer before or after the fault."""
+    for scenario in build_matrix(full=True):
+        if scenario.workload == "single":
+            assert scenario.bystanders == (1 if scenario.path == "batched" else 0), scenario.id
+
+
+def test_a_fault_after_the_stream_started_waits_for_its_bystander():
+    """The affected stream goes first; the fault needs the bystander's ordinal active too,
+    since the bystander's tokens would satisfy ``after_tokens`` on their own."""
+    late = Scenario("resource_limit", "sync", "batched", True, "decode")
+    assert late.affected_first
+    assert "after_tokens=2" in late.spec("r") and "nth_request=2" in late.spec("r")
+    for other in (
+        Scenario("resource_limit", "sync", "batched", False, "decode"),
+        Scenario("resource_limit", "sync", "batched", True, "prefill"),
+        Scenario("resource_limit", "sync", "sequential", True, "decode", bystanders=0),
+    ):
+        assert not other.affected_first and "nth_request" not in other.spec("r"), other.id

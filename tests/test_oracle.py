@@ -18,6 +18,7 @@ from pytest_metaloom.judge import workload
 from pytest_metaloom.judge.oracle import (
     BYSTANDER_ANSWERED,
     BYSTANDER_SAME_ERROR,
+    BYSTANDER_SERVED,
     Facts,
     NotGraceful,
     assert_cache_reset,
@@ -57,6 +58,7 @@ def graceful_facts(**changes) -> Facts:
         pid_before=10,
         pid_after=10,
         bystanders=[BYSTANDER_ANSWERED],
+        bystanders_in_flight=[True],
     )
     base.update(changes)
     return Facts(**base)
@@ -230,6 +232,30 @@ def test_guard_restart_counts_as_survival_with_a_cold_cache():
         ({"cached_tokens_cold": 20, "cached_tokens_before": 20}, "proven warm before the fault"),
         ({"cached_tokens_after": None}, "cached_tokens of the probe prompt after"),
         ({"bystanders": ["unknown"]}, "bystander 1's answer"),
+        # an answer from a bystander not shown in flight says nothing about the blast radius
+        ({"bystanders_in_flight": [False]}, "bystander 1 in flight when the fault fired"),
+        ({"bystanders_in_flight": [None]}, "no fault event lists the requests"),
+        ({"bystanders_in_flight": []}, "bystander 1 in flight"),  # a missing entry: unknown
+        (
+            {
+                "bystanders": [BYSTANDER_SAME_ERROR, BYSTANDER_SERVED],
+                "bystanders_in_flight": [True],
+            },
+            "bystander 2 in flight",
+        ),
+        # a cycles row is for its memory creep: unmeasured, it proves nothing
+        ({"needs_memory_creep": True}, "active-memory creep"),
+        # the client failed: the affected request is unknown, and the error is named
+        (
+            {
+                "status": None,
+                "complete": None,
+                "timed_out": None,
+                "got_bytes": None,
+                "client_error": "RuntimeError: client thread died",
+            },
+            "the client failed: RuntimeError: client thread died",
+        ),
     ],
 )
 def test_each_missing_witness_is_unproven_and_named(changes, witness):
@@ -267,12 +293,66 @@ def test_an_observed_failure_outranks_missing_witnesses():
         (["lost"], "request_lost"),
         (["other_error:500"], "wrong_status"),
         (["unknown"], "unproven"),
+        ([BYSTANDER_SERVED], "graceful"),  # still being served after the fault
         ([BYSTANDER_ANSWERED, "hang"], "hang"),
     ],
 )
 def test_bystander_outcomes(bystanders, expected):
-    outcome = classify(graceful_facts(bystanders=bystanders))
+    shown = [True] * len(bystanders)
+    outcome = classify(graceful_facts(bystanders=bystanders, bystanders_in_flight=shown))
     assert outcome.outcome == expected, outcome.reasons
+
+
+@pytest.mark.parametrize(
+    ("bystanders", "in_flight", "expected"),
+    [
+        ([BYSTANDER_ANSWERED], [False], "unproven"),  # finished before the fault
+        ([BYSTANDER_SAME_ERROR], [None], "unproven"),
+        (["hang"], [False], "hang"),  # a failure counts wherever the bystander was
+        (["other_error:500"], [None], "wrong_status"),
+        ([BYSTANDER_ANSWERED, BYSTANDER_ANSWERED], [True, False], "unproven"),
+    ],
+)
+def test_a_bystander_answer_counts_only_when_shown_in_flight(bystanders, in_flight, expected):
+    outcome = classify(graceful_facts(bystanders=bystanders, bystanders_in_flight=in_flight))
+    assert outcome.outcome == expected, outcome.reasons
+
+
+def test_memory_creep_is_the_witness_of_a_cycles_row():
+    assert classify(graceful_facts(needs_memory_creep=True, memory_creep_bytes=0)).graceful
+    unmeasured = classify(graceful_facts(needs_memory_creep=True))
+    assert unmeasured.outcome == "unproven" and "creep" in unmeasured.missing[0]
+    with pytest.raises(NotGraceful, match="creep"):
+        assert_cache_reset(unmeasured)
+    # behind the guard, a restarted worker is a fresh process: nothing to creep across
+    restarted = graceful_facts(
+        needs_memory_creep=True, behind_guard=True, worker_restarted=True, pid_after=11
+    )
+    assert classify(restarted).graceful
+    # a dead process is judged by the process rule, not by a missing memory sample
+    dead = classify(graceful_facts(needs_memory_creep=True, alive=False, returncode=-6))
+    assert dead.outcome == "aborted" and not any("creep" in m for m in dead.missing)
+
+
+@pytest.mark.parametrize(
+    ("failed", "says"),
+    [
+        (RuntimeError("client thread died"), "RuntimeError: client thread died"),
+        (None, "did not return within its bound"),
+    ],
+)
+def test_a_failed_client_leaves_the_affected_request_unknown_and_named(failed, says):
+    fields = request_facts(failed)
+    assert says in fields["client_error"]
+    facts = graceful_facts(
+        status=None, complete=None, timed_out=None, got_bytes=None, structured_error=None
+    )
+    facts.sse_error_event = facts.sse_done = facts.stream_started = None
+    for key, value in fields.items():
+        setattr(facts, key, value)
+    outcome = classify(facts)
+    assert outcome.outcome == "unproven"
+    assert any(says in text for text in outcome.missing), outcome.missing
 
 
 # -- assertion helpers follow the same rule -----------------------------------------------
@@ -437,6 +517,39 @@ def test_bystander_words_from_real_bytes(behaviour, stream, word):
         )
     assert bystander_fact(obs, affected, 503) == word
     assert bystander_fact(RuntimeError("client thread died"), affected, 503) == "unknown"
+
+
+def test_a_tap_sees_the_stream_and_ends_it_as_served_or_hung():
+    """The runner's bystander: it streamed, went on, and the client ended it (``served``);
+    or it made no progress and the client gave up (``hang``)."""
+    with adversarial_server("graceful_503") as server:
+        affected = workload.chat(server.url, workload.single_turn(), deadline=10)
+    for stalled, word in ((False, BYSTANDER_SERVED), (True, "hang")):
+        tap = workload.Tap()
+        with adversarial_server("sse_stalls_after_tokens") as server:
+            done = workload.concurrently(
+                [
+                    lambda tap=tap: workload.chat(
+                        server.url, workload.single_turn(), stream=True, deadline=30, tap=tap
+                    ),
+                    lambda tap=tap, stalled=stalled: (
+                        tap.wait(lambda events: any(map(workload.token_event, events)), 10),
+                        tap.end(stalled=stalled),
+                    ),
+                ],
+                timeout=40,
+            )
+        obs, (streamed, _) = done
+        assert streamed and tap.closed and not obs.complete
+        assert obs.stopped is not stalled and obs.timed_out is stalled
+        assert bystander_fact(obs, affected, 503) == word
+    # a stream that ends by itself closes the tap; ending it then changes nothing
+    tap = workload.Tap()
+    with adversarial_server("sse_without_done") as server:
+        obs = workload.chat(server.url, workload.single_turn(), stream=True, deadline=30, tap=tap)
+    tap.end()
+    assert tap.closed and not obs.stopped and any(map(workload.error_sse, tap.events))
+    assert bystander_fact(obs, affected, 503) == "truncated"
 
 
 def test_a_complete_answer_is_an_answered_bystander():

@@ -10,11 +10,11 @@ import hashlib
 import os
 import re
 import threading
-import time
 import warnings
 from pathlib import Path
 
 import pytest
+from support import wait_until
 
 from pytest_metaloom.inject import faults
 from pytest_metaloom.patchset.check import check_patch_set, patchset_check_main
@@ -425,9 +425,7 @@ def test_default_command_buffer_semantics_follow_the_installed_mlx(
         fired = server.injector.wait_for("fired", timeout=5.0)
         assert fired["semantics"] == expected
         if expected == "abort":
-            deadline = time.monotonic() + 10
-            while server.is_alive() and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until(lambda: not server.is_alive())
             assert server.returncode == -6 and not obs.ok
             assert faults.abort_line(faults.message("cmdbuf_oom", "abort")) in server.log_text()
         else:

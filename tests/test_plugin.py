@@ -72,6 +72,63 @@ def test_settings_defaults_come_from_the_option_table():
     assert process.DEFAULT_START_TIMEOUT == settings.metaloom_start_timeout
     assert process.DEFAULT_READY_TIMEOUT == settings.metaloom_ready_timeout
     assert process.DEFAULT_STOP_TIMEOUT == settings.metaloom_stop_timeout
+    # real-device mode: headroom, turn words and max turns are read from the table too
+    from pytest_metaloom.matrix import realdevice, realmetal
+    from pytest_metaloom.options import BY_DEST, TURN_WORDS
+    from pytest_metaloom.units import parse_size
+
+    device, metal = realdevice.RealDevicePlan(), realmetal.RealMetalPlan()
+    assert device.headroom == realdevice.DEFAULT_HEADROOM == parse_size(settings.metaloom_headroom)
+    assert device.max_turns == metal.max_turns == settings.metaloom_max_turns
+    assert device.turn_words == metal.document_words == TURN_WORDS["metal"]
+    help_text = BY_DEST["metaloom_turn_words"].help
+    assert f"{TURN_WORDS['metal']} on Metal, {TURN_WORDS['cuda']} on CUDA" in help_text
+
+
+REAL_DEVICE_DEFAULTS = ("metaloom_headroom", "metaloom_turn_words", "metaloom_max_turns")
+
+
+def test_real_device_defaults_have_no_second_copy():
+    """A literal copy of these defaults anywhere in the package (``or "3GiB"``, a
+    ``DEFAULT_MAX_TURNS = 24``, a turn-words table) would drift from the option table."""
+    import ast
+    from pathlib import Path
+
+    import pytest_metaloom
+    from pytest_metaloom.options import BY_DEST, TURN_WORDS
+
+    names = {"turn_words", "max_turns", "headroom"}
+    names |= {f"default_{name}" for name in names}
+    texts = {
+        BY_DEST[d].default for d in REAL_DEVICE_DEFAULTS if isinstance(BY_DEST[d].default, str)
+    }
+    numbers = {*TURN_WORDS.values(), BY_DEST["metaloom_max_turns"].default}
+    found = []
+    for path in sorted(Path(pytest_metaloom.__file__).parent.rglob("*.py")):
+        if path.name == "options.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Constant)
+                and node.value in texts
+                and isinstance(node.value, str)
+            ):
+                found.append(f"{path.name}:{node.lineno} {node.value!r}")
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                named = {getattr(t, "id", getattr(t, "attr", "")).lower() for t in targets}
+                literals = [
+                    c.value
+                    for c in ast.walk(node.value)
+                    if isinstance(c, ast.Constant) and type(c.value) is int and c.value in numbers
+                ]
+                if named & names and literals:
+                    found.append(f"{path.name}:{node.lineno} {sorted(named)} = {literals}")
+            if isinstance(node, ast.Dict):  # a {"metal": 120, "cuda": 1400} elsewhere
+                values = [v.value for v in node.values if isinstance(v, ast.Constant)]
+                if values and set(values) == set(TURN_WORDS.values()):
+                    found.append(f"{path.name}:{node.lineno} {values}")
+    assert found == []
 
 
 PROJECT_TESTS = """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -117,6 +118,63 @@ def test_the_real_helper_names_what_is_missing_off_gpu():
     with pytest.raises(headroom.HeadroomError, match="refused start|exited"):
         helper.start()
     assert gone(helper.pid)
+
+
+def test_a_session_releases_its_own_squeeze_and_nothing_else(tmp_path, fake_macos):
+    """``DeviceSession.release`` (a session's teardown) gives back the helper and the
+    ceilings of that session; another session's stay held."""
+    from pytest_metaloom.matrix import backends, realmetal
+
+    fake_macos.write_text("36864\n")
+    mine = backends.DeviceSession(fake_command(tmp_path / "mine"))
+    other = backends.DeviceSession(fake_command(tmp_path / "other"))
+    assert mine.helper() is mine.helper()  # one helper per session, made on first use
+    try:
+        mine.helper().start().hold(GiB)
+        other.helper().start().hold(2 * GiB)
+        # a drive interrupted mid-squeeze: the ceiling is lowered and never relaxed
+        pressure = realmetal.MetalPressure(None, None, 4096, ceilings=mine.ceilings)
+        assert pressure.squeeze() == {"sysctl_mb": 4096}
+        assert fake_macos.read_text().strip() == "4096" and len(mine.ceilings) == 1
+        mine.release()
+        assert states(tmp_path / "mine")[-1] == "released"
+        assert fake_macos.read_text().strip() == "36864" and not mine.ceilings
+        assert (
+            other.helper().is_alive()
+            and states(tmp_path / "other")[-1] == f"hold {78 * GiB} follow=False"
+        )
+        mine.release()  # twice is harmless
+    finally:
+        other.release()
+    assert states(tmp_path / "other")[-1] == "released"
+
+
+def test_a_relaxed_ceiling_leaves_the_session_ledger(fake_macos):
+    from pytest_metaloom.matrix import realmetal
+
+    fake_macos.write_text("36864\n")
+    ceilings: set = set()
+    pressure = realmetal.MetalPressure(None, None, 2048, ceilings=ceilings)
+    pressure.squeeze()
+    assert len(ceilings) == 1
+    pressure.relax()
+    assert not ceilings and fake_macos.read_text().strip() == "36864"
+
+
+def test_real_device_options_are_checked_with_their_names(tmp_path):
+    from pytest_metaloom.config import Settings
+    from pytest_metaloom.matrix import backends
+
+    session = backends.DeviceSession()
+    with pytest.raises(realdevice.RealDeviceError, match="--metaloom-max-turns=0 would drive"):
+        backends.plan_for(Settings(metaloom_max_turns=0), None, session)
+    with pytest.raises(realdevice.RealDeviceError, match="--metaloom-headroom='3 bananas'"):
+        backends.plan_for(Settings(metaloom_headroom="3 bananas"), None, session)
+    assert not session.has_helper  # nothing was started for a plan that was refused
+    command = f"{sys.executable} {FAKE_HELPER} --state '{tmp_path / 'a b'}'"
+    assert Settings(metaloom_headroom_cmd=command).headroom_command == [
+        *fake_command(tmp_path / "a b")
+    ]
 
 
 # ---------------------------------------------------------------------- plan and log reading
@@ -241,44 +299,40 @@ def test_external_server_is_refused_with_the_reason():
 # ---------------------------------------------------------------------- the --metal-oom wiring
 
 PRETEND_CUDA_CONFTEST = """
-# Stand-in for a CUDA box: real-device mode believes a GPU is here and starts the
-# stand-in headroom helper. The run itself is real (mlx_lm.server on the CPU backend).
-import sys
+# Stand-in for a CUDA box: real-device mode believes a GPU is here. The stand-in
+# headroom helper and the number of turns come in as options (see _pretend); the run
+# itself is real (mlx_lm.server on the CPU backend).
 from pytest_metaloom.matrix import realdevice
 
-_saved = {{}}
+_saved = {}
 
 
 def pytest_configure(config):
-    _saved.update(
-        backend=realdevice.device_backend,
-        command=realdevice.HELPER_COMMAND,
-        turns=realdevice.DEFAULT_MAX_TURNS,
-    )
+    _saved.update(backend=realdevice.device_backend)
     realdevice.device_backend = lambda: "cuda"
-    realdevice.HELPER_COMMAND = [sys.executable, {fake!r}, "--state", {state!r}]
-    realdevice.DEFAULT_MAX_TURNS = {turns}
 
 
 def pytest_unconfigure(config):
     realdevice.device_backend = _saved["backend"]
-    realdevice.HELPER_COMMAND = _saved["command"]
-    realdevice.DEFAULT_MAX_TURNS = _saved["turns"]
 """
 
 
-def _pretend(pytester, state: Path, turns: int) -> None:
-    pytester.makeconftest(
-        PRETEND_CUDA_CONFTEST.format(fake=str(FAKE_HELPER), state=str(state), turns=turns)
-    )
+def _pretend(pytester, state: Path, turns: int) -> list[str]:
+    """Pretend CUDA is here; the options that name the stand-in helper and the turns."""
+    pytester.makeconftest(PRETEND_CUDA_CONFTEST)
+    return [
+        f"--metaloom-headroom-cmd={shlex.join(fake_command(state))}",
+        f"--metaloom-max-turns={turns}",
+    ]
 
 
 @pytest.mark.timeout(240)
 def test_metal_oom_real_device_squeezes_judges_and_releases(pytester, tmp_path, model_dir):
     state = tmp_path / "state"
-    _pretend(pytester, state, turns=2)
+    pretend = _pretend(pytester, state, turns=2)
     report = pytester.path / "real.json"
     result = pytester.runpytest(
+        *pretend,
         "-p",
         "no:cacheprovider",
         "--metal-oom",
@@ -297,6 +351,10 @@ def test_metal_oom_real_device_squeezes_judges_and_releases(pytester, tmp_path, 
     (record,) = json.loads(report.read_text())["scenarios"]
     assert record["outcome"] == "not_fired" and record["turns"] == [200, 200]
     assert record["pressure"]["backend"] == "cuda"
+    reproduce = shlex.split(record["reproduce"])  # the same turns and the same helper
+    assert reproduce[reproduce.index("--metaloom-max-turns") + 1] == "2"
+    helper = reproduce[reproduce.index("--metaloom-headroom-cmd") + 1]
+    assert shlex.split(helper) == fake_command(state)
 
 
 def test_real_device_mode_is_skipped_with_the_reason_off_gpu(pytester):
@@ -317,8 +375,8 @@ def test_helper_is_released_when_the_session_is_interrupted(pytester, tmp_path, 
     import psutil
 
     state = tmp_path / "state"
-    _pretend(pytester, state, turns=100000)
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--metal-oom"]
+    pretend = _pretend(pytester, state, turns=100000)
+    argv = [sys.executable, "-m", "pytest", *pretend, "-p", "no:cacheprovider", "--metal-oom"]
     argv += ["--metaloom-real-device", f"--metaloom-model={model_dir}", "--metaloom-turn-words=5"]
     proc = subprocess.Popen(
         argv,
@@ -341,3 +399,47 @@ def test_helper_is_released_when_the_session_is_interrupted(pytester, tmp_path, 
             proc.wait(10)
     assert states(state)[-1] == "released"
     assert children and not [p for p in children if p.is_running() and p.status() != "zombie"]
+
+
+@pytest.mark.timeout(240)
+def test_an_inner_session_releases_only_what_it_squeezed(pytester, tmp_path, model_dir, fake_macos):
+    """An in-process pytester run is a session of its own: at its end it gives back its
+    own helper, never the helper and the lowered ceiling its outer session still holds."""
+    from pytest_metaloom.matrix import realmetal
+
+    fake_macos.write_text("36864\n")
+    outer_state = tmp_path / "outer"
+    outer = headroom.HeadroomHelper(fake_command(outer_state))
+    ceiling = realmetal.WiredLimit(4096)
+    try:
+        outer.start().hold(5 * GiB)
+        ceiling.apply()
+        inner_state = tmp_path / "inner"
+        pretend = _pretend(pytester, inner_state, turns=2)
+        result = pytester.runpytest(
+            *pretend,
+            "-p",
+            "no:cacheprovider",
+            "--metal-oom",
+            "--metaloom-real-device",
+            f"--metaloom-model={model_dir}",
+            "--metaloom-turn-words=40",
+        )
+        assert result.parseoutcomes().get("failed") == 1, result.stdout.str()  # not fired
+        # the inner session squeezed with its own helper and let it go
+        assert states(inner_state) == [
+            "started",
+            f"hold {77 * GiB} follow=False",
+            "release",
+            "released",
+        ]
+        # the outer's helper still holds what it was told, and was never told to let go
+        assert states(outer_state) == ["started", f"hold {75 * GiB} follow=False"]
+        assert outer.is_alive() and outer.info()["held"] == 75 * GiB
+        # the outer's lowered ceiling is still lowered, and still remembers the old value
+        assert fake_macos.read_text().strip() == "4096" and ceiling.previous == 36864
+    finally:
+        outer.stop()
+        ceiling.restore()
+    assert states(outer_state)[-1] == "released"
+    assert fake_macos.read_text().strip() == "36864"

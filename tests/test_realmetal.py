@@ -1,4 +1,4 @@
-"""Real Metal mode, tested here with a stand-in ``sysctl`` (and ``sudo``) on PATH.
+"""Real Metal mode, tested here with a stand-in ``sysctl`` (and ``sudo``) on PATH (conftest).
 
 There is no Apple GPU on this machine: the stand-ins record the commands they were
 given and keep the "kernel" value in a file, so the set/restore path is real code.
@@ -16,34 +16,6 @@ import pytest
 
 from pytest_metaloom.matrix import realmetal
 from pytest_metaloom.server.live import LiveServer
-
-STAND_IN_SYSCTL = """#!/bin/sh
-# stand-in for macOS sysctl: state in $STATE, every call logged to $STATE.log
-printf "%s\\n" "$*" >> "$STATE.log"
-if [ "$1" = "-n" ]; then cat "$STATE"; exit 0; fi
-case "$1" in iogpu.wired_limit_mb=*) echo "${1#*=}" > "$STATE"; exit 0;; esac
-echo "unknown sysctl call" >&2; exit 1
-"""
-STAND_IN_SUDO = """#!/bin/sh
-# stand-in for sudo: drops -n and runs the rest
-[ "$1" = "-n" ] && shift
-exec "$@"
-"""
-
-
-@pytest.fixture
-def fake_macos(tmp_path, monkeypatch):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("sysctl", STAND_IN_SYSCTL), ("sudo", STAND_IN_SUDO)):
-        path = bin_dir / name
-        path.write_text(text)
-        path.chmod(0o755)
-    state = tmp_path / "wired"
-    state.write_text("0\n")
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("STATE", str(state))
-    return state
 
 
 def test_command_construction():
@@ -200,21 +172,20 @@ def test_external_server_is_refused_with_the_reason():
 
 PRETEND_MAC_CONFTEST = """
 # Stand-in for a Mac: real Metal mode believes Metal is here. The run itself is real
-# (mlx_lm.server on the CPU backend, the stand-in sysctl on PATH).
+# (mlx_lm.server on the CPU backend, the stand-in sysctl on PATH); the number of turns
+# comes in as --metaloom-max-turns.
 from pytest_metaloom.matrix import realmetal
 
-_saved = {{}}
+_saved = {}
 
 
 def pytest_configure(config):
-    _saved.update(reason=realmetal.metal_unavailable_reason, turns=realmetal.DEFAULT_MAX_TURNS)
+    _saved.update(reason=realmetal.metal_unavailable_reason)
     realmetal.metal_unavailable_reason = lambda: None
-    realmetal.DEFAULT_MAX_TURNS = {turns}
 
 
 def pytest_unconfigure(config):
     realmetal.metal_unavailable_reason = _saved["reason"]
-    realmetal.DEFAULT_MAX_TURNS = _saved["turns"]
 """
 
 
@@ -228,9 +199,13 @@ def test_metal_oom_runs_one_real_item_per_patch_set_and_restores_sysctl(
     pytester, fake_macos, model_dir
 ):
     fake_macos.write_text("36864\n")
-    pytester.makeconftest(PRETEND_MAC_CONFTEST.format(turns=2))
+    pytester.makeconftest(PRETEND_MAC_CONFTEST)
     report = pytester.path / "real.json"
+    # the model is the outer session's: an in-process run that imported mlx itself would
+    # have it dropped with its sys.modules snapshot, and mlx cannot be imported twice
     result = pytester.runpytest(
+        f"--metaloom-model={model_dir}",
+        "--metaloom-max-turns=2",
         "-p",
         "no:cacheprovider",
         "--metal-oom",
@@ -264,8 +239,9 @@ def test_sysctl_is_restored_when_the_session_is_interrupted(pytester, fake_macos
     import psutil
 
     fake_macos.write_text("36864\n")
-    pytester.makeconftest(PRETEND_MAC_CONFTEST.format(turns=100000))
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--metal-oom"]
+    pytester.makeconftest(PRETEND_MAC_CONFTEST)
+    argv = [sys.executable, "-m", "pytest", "--metaloom-max-turns=100000"]
+    argv += ["-p", "no:cacheprovider", "--metal-oom"]
     argv += ["--metaloom-real-metal", "--metaloom-sysctl"]
     proc = subprocess.Popen(
         argv, cwd=pytester.path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import WAIT_ONLY_LINES
 
 from pytest_metaloom.inject.runtime.locate import RULES
 
@@ -136,3 +137,18 @@ def test_copy_module_is_what_fetch_uses() -> None:
     assert "import copy" in lines
     first, last = _functions(path)["LRUPromptCache.fetch_nearest_cache"]
     assert "copy.deepcopy(" in "\n".join(lines[first - 1 : last])
+
+
+WAITS = sorted(WAIT_ONLY_LINES.get(VERSION, {}).items())
+
+
+@pytest.mark.parametrize(("where", "call"), WAITS, ids=[w for w, _ in WAITS])
+def test_wait_only_lines_are_the_waits_named_in_installed_mlx_lm(where: str, call: str) -> None:
+    """The lines the live tests call wait-only: each evaluates only what the
+    ``mx.async_eval`` before it committed (or the ``mx.eval`` before it evaluated)."""
+    file, line = where.split(":")
+    text = (_package() / file).read_text().splitlines()
+    assert call in text[int(line) - 1], f"{where}: {text[int(line) - 1]!r} lacks {call!r}"
+    earlier = "\n".join(text[int(line) - 12 : int(line) - 1])
+    assert "mx.async_eval(" in earlier, f"nothing committed before {where}"
+    assert any(where in [w for v, w in r.stands_for if v == VERSION] for r in RULES), where

@@ -249,3 +249,116 @@ def test_memory_point_fires_when_the_evaluation_would_cross_the_lowered_limit(
     assert crossing["requested"] == 4 * 1024 * 1024
     assert crossing["value"] > crossing["limit_bytes"]
     assert crossing["over_by"] == crossing["value"] - crossing["limit_bytes"]
+
+
+# An array MLX already evaluated, or committed with mx.async_eval, needs no new buffer:
+# an evaluation of only such arrays just waits, so no allocator can fail there.
+WAITS = ["s.item()", "s.tolist()", "mx.eval(s)", "mx.eval([x, s])", "z.item()", "mx.async_eval(z)"]
+
+
+@pytest.mark.parametrize("wait", WAITS)
+def test_allocator_fault_holds_at_a_wait_and_fires_at_the_next_evaluation_that_computes(
+    tmp_path: Path, wait: str
+) -> None:
+    out, events = run(
+        tmp_path,
+        f"""
+        s = x.sum(); mx.eval(s)               # evaluated: its buffer exists
+        z = (x * 3).sum(); mx.async_eval(z)   # committed: its buffers were allocated then
+        rt.arm("1*resource_limit")
+        out["wait"] = attempt(lambda: {wait})
+        out["again"] = attempt(lambda: {wait})
+        out["computes"] = attempt(lambda: mx.eval(x + 1))
+        out["point"] = rt.disarm()["points"][0]
+        report()
+        """,
+    )
+    assert out["wait"] is None and out["again"] is None
+    assert out["computes"] == "[metal::malloc] Resource limit (499000) exceeded."
+    (f,) = fired(events)
+    assert (f["op"], f["timing"], f["held"]) == ("eval", "instead", 2)
+    assert out["point"]["hits"] == 1 and out["point"]["fired"] == 1
+
+
+def test_memory_crossing_seen_first_at_a_wait_fires_at_the_next_allocating_evaluation(
+    tmp_path: Path,
+) -> None:
+    out, events = run(
+        tmp_path,
+        """
+        rt.arm("1*unable_to_allocate@memory=allocated+2MiB")
+        z = (x @ x).sum()                     # asks for 4 bytes; 4 MiB on the way
+        out["commit"] = attempt(lambda: mx.async_eval(z))   # under the limit when asked
+        mx.synchronize()                      # the work ran: the peak counter caught up
+        out["peak_over"] = mx.get_peak_memory() - mx.get_active_memory()
+        out["wait"] = attempt(lambda: z.item())             # over, but nothing to allocate
+        out["next"] = attempt(lambda: mx.eval(x + 1))       # allocates: fails here
+        report()
+        """,
+    )
+    assert out["commit"] is None and out["wait"] is None
+    assert out["peak_over"] >= 4 * 1024 * 1024
+    assert out["next"] is not None and out["next"].startswith("[malloc] Unable to allocate ")
+    (f,) = fired(events)
+    assert (f["op"], f["held"]) == ("eval", 1)
+    assert f["crossing"]["requested"] == 4 * 1024 * 1024
+
+
+def test_parked_command_buffer_error_still_surfaces_at_a_wait_holding_an_allocator_fault(
+    tmp_path: Path,
+) -> None:
+    out, events = run(
+        tmp_path,
+        """
+        rt.arm("1*cmdbuf_oom(deferred)")
+        z = (x * 3).sum()
+        out["commit"] = attempt(lambda: mx.async_eval(z))   # the buffer fails: parked
+        rt.arm("1*resource_limit")
+        out["at_item"] = attempt(lambda: z.item())   # a wait is a sync point: it surfaces
+        out["again"] = attempt(lambda: z.item())     # cleared; nothing to allocate
+        out["next"] = attempt(lambda: mx.eval(x + 1))
+        report()
+        """,
+    )
+    assert out["commit"] is None
+    assert out["at_item"].endswith("kIOGPUCommandBufferCallbackErrorOutOfMemory).")
+    assert out["again"] is None
+    assert out["next"] == "[metal::malloc] Resource limit (499000) exceeded."
+    (raised,) = [e for e in events if e["event"] == "raised"]
+    assert raised["op"] == "item"
+    parked, instead = fired(events)
+    assert parked["timing"] == "parked" and instead["op"] == "eval"
+
+
+def test_held_fault_fires_on_the_same_hit_with_the_same_draw(tmp_path: Path) -> None:
+    """A held evaluation is no hit and takes no draw: a seeded ``P%off->kind`` chain
+    fires on the hit its seed says (``_first_loss`` in the live tests); when that hit is
+    a wait, at the allocating evaluation right after it."""
+    import random
+
+    rng, expected = random.Random(8), 1
+    while rng.random() * 100 < 70:
+        expected += 1
+    assert expected == 2  # seed 8: the 2nd hit (a wait in the second run); the 3rd draw
+    # would not fire, so firing right after the wait shows the draw was not used up
+    out, _ = run(
+        tmp_path,
+        """
+        s = x.sum(); mx.eval(s)
+        def first_failure(with_waits):
+            rt.arm("70%off->1*unable_to_allocate@seed=8")
+            for n in range(1, 60):
+                if with_waits:                 # hit 1: s.item(), hit 2: mx.eval(s)
+                    assert attempt(lambda: s.item()) is None
+                    assert attempt(lambda: mx.eval(s)) is None
+                if attempt(lambda: mx.eval(x + n)) is not None:
+                    return n, rt.disarm()["points"][0]
+        out["plain"] = first_failure(False)
+        out["with_waits"] = first_failure(True)
+        report()
+        """,
+    )
+    n, point = out["plain"]
+    assert (n, point["hits"], point["held"]) == (expected, expected, 0)
+    n, point = out["with_waits"]
+    assert (n, point["hits"], point["held"]) == (1, expected, 1)

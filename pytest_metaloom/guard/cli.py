@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.probe_timeout,
         help="bound on each check of a worker suspected wedged (/health, one-token completion)",
     )
+    p.add_argument(
+        "--proof-window",
+        type=float,
+        default=d.proof_window,
+        help="seconds a finished completion proves the worker serving to the guard's /health; "
+        "past it (or after a failed or hung request) /health sends a one-token completion "
+        "first (0: a proof stands until the next failure)",
+    )
     p.add_argument("--ready-timeout", type=float, default=d.ready_timeout, help="seconds")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip warm-up request")
     p.add_argument("--warmup-path", default=d.warmup_path)

@@ -27,6 +27,7 @@ class GuardConfig:
     queue_timeout: float = 0.0
     hang_timeout: float = 600.0
     probe_timeout: float = 5.0
+    proof_window: float = 30.0
     ready_timeout: float = 180.0
     warmup: bool = True
     warmup_path: str = "/v1/completions"
@@ -54,7 +55,7 @@ class GuardConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise GuardConfigError(f"--{name.replace('_', '-')} must be > 0")
-        for name in ("backoff", "queue_timeout", "hang_timeout"):
+        for name in ("backoff", "queue_timeout", "hang_timeout", "proof_window"):
             if getattr(self, name) < 0:
                 raise GuardConfigError(
                     f"--{name.replace('_', '-')} must be >= 0 (0 disables or means none)"

@@ -25,8 +25,9 @@ from typing import Any
 
 from pytest_metaloom.guard import diagnose, probe
 from pytest_metaloom.guard.causes import Cause, forced_cause
+from pytest_metaloom.guard.config import GuardConfig
 from pytest_metaloom.guard.evidence import read_failure, says_wedged
-from pytest_metaloom.guard.failures import Reply, cause_error, death_reply, decide, error_body
+from pytest_metaloom.guard.failures import Reply, death_reply, decide, error_body
 from pytest_metaloom.guard.supervisor import Supervisor, WorkerRun
 from pytest_metaloom.guard.watchdog import RECV, SEND, Watch, Watchdog
 
@@ -51,6 +52,17 @@ _DEATH_GRACE = diagnose.DEATH_GRACE
 _CONNECT_TIMEOUT = 2.0
 # Bound on reading a request from / writing a response to a slow client.
 _CLIENT_TIMEOUT = 120.0
+
+
+# A graceful server's error inside a 200 stream: that completion proves nothing.
+_ERROR_EVENT = b'data: {"error"'
+
+
+def _diagnosis_wait(cfg: GuardConfig) -> float:
+    """How long a /health waits for a diagnosis another caller runs (its worst case, twice:
+    it may first wait for a relay's own diagnosis of the same worker)."""
+    one = 2 * cfg.probe_timeout + _DEATH_GRACE + cfg.stop_timeout + 5.0
+    return 2 * one
 
 
 class _ClientGone(Exception):
@@ -85,6 +97,8 @@ class GuardServer(ThreadingHTTPServer):
         """No byte for ``hang_timeout``: replace the worker only if it is proven hung or wedged."""
         run: WorkerRun = watch.context
         sup = self.supervisor
+        # a hung relay: whatever proved the worker before is void until a completion finishes
+        run.proof.doubt(f"a request got no byte from the worker for {sup.config.hang_timeout:g}s")
         found = diagnose.hang_check(run, sup.config)
         if found is None:
             return None
@@ -102,6 +116,7 @@ class GuardHandler(BaseHTTPRequestHandler):
     server_version = "metaloom-guard"
     timeout = _CLIENT_TIMEOUT  # until the relay starts; then the watchdog bounds the client
     _watch: Watch | None = None
+    _token = -1  # the worker's proof epoch when this request was sent (``proof.Proof.token``)
 
     def setup(self) -> None:
         super().setup()
@@ -132,29 +147,42 @@ class GuardHandler(BaseHTTPRequestHandler):
             pass
 
     def _health(self) -> None:
-        """200 only while a worker is serving and its own /health agrees; else 503 and why."""
+        """200 only while the worker is proven serving (``proof``); else 503 and why.
+
+        The worker's own /health is asked each time (cheap, and a wedged mlx_lm.server says
+        503 there), but its 200 is not trusted: the guard also needs a standing proof, a
+        completion the worker finished since the last failed or hung relay (and within
+        ``--proof-window``). Without one it diagnoses first (shared by concurrent callers).
+        """
         sup = self.server.supervisor
         run = sup.acquire(0)
         if run is not None:
             cfg = sup.config
             answer = probe.call(run.port, cfg.health_path, timeout=cfg.probe_timeout)
-            if answer.ok:
-                status = sup.status()
-                body = {
-                    "status": "ok",
-                    "worker_pid": run.worker.pid,
-                    "restarts": status["restarts"],
-                }
-                self._send_json(200, json.dumps(body).encode())
+            why = run.proof.unproven(cfg.proof_window) if answer.ok else None
+            if answer.ok and why is None:
+                self._healthy(run)
                 return
-            health = diagnose.check(run, cfg)
-            if health.state == diagnose.WEDGED:
+            ok = answer.ok
+            found = run.proof.shared(lambda: self._prove(run, ok), _diagnosis_wait(cfg))
+            if found is not None and not found[1] and not ok:
+                # the leader found a standing proof, but this caller saw the worker's /health fail
+                found = self._prove(run, False)
+            health = found[0] if found is not None else None
+            if health is not None and health.state == diagnose.SERVING:
+                self._healthy(run)
+                return
+            if health is not None and health.state == diagnose.WEDGED:
                 sup.retire(run, forced_cause("wedged", health.evidence))
-            elif health.state != diagnose.DEAD:
+            elif health is None or health.state != diagnose.DEAD:
+                evidence = health.evidence if health else "a check of the worker is under way"
+                reason = "the worker is not proven serving"
+                if why:
+                    reason += f" ({why})"
                 body = {
                     "status": "unavailable",
                     "state": "unverified",
-                    "reason": f"the worker is not proven serving: {health.evidence}",
+                    "reason": f"{reason}: {evidence}",
                     "code": "worker_unhealthy",
                 }
                 self._send_json(503, json.dumps(body).encode(), {"Retry-After": "1"})
@@ -165,6 +193,31 @@ class GuardHandler(BaseHTTPRequestHandler):
         body = {"status": "unavailable", "state": status["state"], "reason": message, "code": code}
         headers = {"Retry-After": str(retry)} if retry else None
         self._send_json(503, json.dumps(body).encode(), headers)
+
+    def _prove(self, run: WorkerRun, own_ok: bool) -> tuple[diagnose.Health, bool]:
+        """One diagnosis for /health: (health, whether the worker was probed).
+
+        A serving verdict is a proof (its completion finished). ``own_ok``: the worker's own
+        /health just answered 200, so a proof that came in meanwhile (a diagnosis that just
+        ended, a relayed completion) is enough and nothing is sent to the worker.
+        """
+        cfg = self.server.supervisor.config
+        if own_ok and run.proof.unproven(cfg.proof_window) is None:
+            return diagnose.Health(diagnose.SERVING, run.proof.proven_by), False
+        token = run.proof.token()
+        health = diagnose.check(run, cfg)
+        if health.state == diagnose.SERVING:
+            run.proof.proven(token, "a one-token completion the guard sent")
+        return health, True
+
+    def _healthy(self, run: WorkerRun) -> None:
+        body = {
+            "status": "ok",
+            "worker_pid": run.worker.pid,
+            "restarts": self.server.supervisor.status()["restarts"],
+            "proven_by": run.proof.proven_by or None,
+        }
+        self._send_json(200, json.dumps(body).encode())
 
     def _unavailable(self) -> None:
         sup = self.server.supervisor
@@ -309,6 +362,13 @@ class GuardHandler(BaseHTTPRequestHandler):
         w.since = time.monotonic()
         return data
 
+    @staticmethod
+    def _death_answer(run: WorkerRun, cause: Cause | None) -> Reply:
+        """The answer for a request ``run``'s end cut: the failure the guard already proved
+        for this run when it retired it (so requests ended by one failure hear one answer),
+        else the death's own cause."""
+        return run.failure_reply if run.failure_reply is not None else death_reply(cause)
+
     def _lost(self, run: WorkerRun) -> Cause | None:
         """The watchdog ended ``run``: wait (bounded) for the reaper to record why."""
         sup = self.server.supervisor
@@ -334,17 +394,25 @@ class GuardHandler(BaseHTTPRequestHandler):
         if self._watch is not None:
             # the worker's side is over: the hang bound must not fire on the diagnosis itself
             self._watch.done = True
+        run.proof.doubt(f"a relayed {self.command} {self.path.split('?', 1)[0]} failed")
+        if run.failure_reply is not None:
+            return run.failure_reply  # the failure that ended this run is already proven
         cause = self._confirm_death(run, 0.05)
         if cause is not None:
-            return death_reply(cause)
+            return self._death_answer(run, cause)
         failure = read_failure(run.log_since(mark))
+        token = run.proof.token()
         health = diagnose.check(run, sup.config)
+        if health.state == diagnose.SERVING:
+            run.proof.proven(token, "a one-token completion the guard sent")
         if health.state == diagnose.DEAD:
             if run.retired is not None:
-                return death_reply(run.retired)
-            return death_reply(self._confirm_death(run, _DEATH_GRACE))
+                return self._death_answer(run, run.retired)
+            return self._death_answer(run, self._confirm_death(run, _DEATH_GRACE))
         reply = decide(health, failure, said_wedged=said_wedged)
         if reply.cause is not None:
+            if run.failure_reply is None and not reply.retry:
+                run.failure_reply = reply
             sup.retire(run, reply.cause)
         return reply
 
@@ -352,6 +420,7 @@ class GuardHandler(BaseHTTPRequestHandler):
         w = self._watch
         assert w is not None
         mark = run.log_mark()
+        self._token = run.proof.token()
         try:
             sock.sendall(self._request_bytes(run, body))
         except OSError:
@@ -371,16 +440,20 @@ class GuardHandler(BaseHTTPRequestHandler):
                         retry_after=False,
                     )
         except _WorkerLost as lost:
-            return death_reply(lost.cause)
+            return self._death_answer(run, lost.cause)
         head, _, rest = buf.partition(b"\r\n\r\n")
         status, out_head, framing = self._rewrite_head(head)
         if status >= 400 and not framing["sse"] and self.command != "HEAD":
             try:
                 rest, complete = self._read_error_body(sock, w, framing, rest)
             except _WorkerLost as lost:
-                return death_reply(lost.cause)
+                return self._death_answer(run, lost.cause)
             if says_wedged(rest):
                 return self._failed(run, mark, said_wedged=True)
+            if self.command == "POST" and (status >= 500 or status == 404):
+                # the worker failed a completion in its own words: its /health must be re-proven
+                path = self.path.split("?", 1)[0]
+                run.proof.doubt(f"the worker answered {status} to POST {path}")
             self._write(out_head + rest)
             if not complete:
                 self._stream_body(run, sock, w, status, framing, rest, mark)
@@ -451,35 +524,49 @@ class GuardHandler(BaseHTTPRequestHandler):
         length: int | None = framing["length"]
         got = len(first)
         tail = first[-64:]
+        sse = framing["sse"]
+        if sse and _ERROR_EVENT in first:
+            framing["error_event"] = True
         while True:
             if length is not None and got >= length:
-                return None
+                return self._finished(run, status, framing)
             if framing["chunked"] and tail.endswith(b"0\r\n\r\n"):
-                return None
-            if framing["sse"] and tail.rstrip().endswith(b"data: [DONE]"):
+                return self._finished(run, status, framing)
+            if sse and tail.rstrip().endswith(b"data: [DONE]"):
                 # Complete as far as the client is concerned; drain the close without waiting long.
-                return None
+                return self._finished(run, status, framing)
             try:
                 data = self._recv(sock, w)
             except _WorkerLost as lost:
+                answer = self._death_answer(run, lost.cause)
                 if framing.get("held_head"):
-                    return death_reply(lost.cause)
-                self._end_broken(framing, tail, cause_error(lost.cause))
+                    return answer
+                self._end_broken(framing, tail, answer.body)
                 return None
             if not data:
                 abnormal = framing["sse"] or length is not None
                 cause = self._confirm_death(run, 0.05)
                 if cause is None and not abnormal:
-                    return None  # a close-delimited body ended normally
-                reply = death_reply(cause) if cause is not None else self._failed(run, mark)
+                    return self._finished(run, status, framing)  # a close-delimited body ended
+                reply = (
+                    self._death_answer(run, cause) if cause is not None else self._failed(run, mark)
+                )
                 if framing.get("held_head"):
                     return reply  # nothing reached the client yet: a real status line
                 self._end_broken(framing, tail, reply.body)
                 return None
             got += len(data)
-            tail = (tail + data)[-64:]
+            joined = tail + data
+            if sse and _ERROR_EVENT in joined:
+                framing["error_event"] = True
+            tail = joined[-64:]
             held = framing.pop("held_head", None)
             self._write(held + data if held else data)
+
+    def _finished(self, run: WorkerRun, status: int, framing: dict[str, Any]) -> None:
+        """A response ended well: a completion answered 2xx in full proves the worker serving."""
+        if self.command == "POST" and 200 <= status < 300 and not framing.get("error_event"):
+            run.proof.proven(self._token, "a relayed completion")
 
     def _end_broken(self, framing: dict[str, Any], tail: bytes, err: bytes) -> None:
         """The response had started and cannot be completed: close it as gracefully as possible."""

@@ -19,6 +19,7 @@ from typing import Any
 from pytest_metaloom.guard import probe
 from pytest_metaloom.guard.causes import Cause, classify_exit, forced_cause, signal_name
 from pytest_metaloom.guard.config import GuardConfig
+from pytest_metaloom.guard.proof import Proof
 from pytest_metaloom.guard.worker import WorkerProcess, free_port, worker_argv
 from pytest_metaloom.server import ports
 
@@ -49,6 +50,11 @@ class WorkerRun:
         self._lock = threading.Lock()
         # one diagnosis at a time: requests failing together share the probes' answers
         self.check_lock = threading.Lock()
+        # proven serving only by a finished completion (the warm-up, a relayed one, a probe)
+        self.proof = Proof("no completion has finished since the worker started")
+        # the answer the guard proved for this run's failure (``failures.Reply``): every
+        # request the same failure ends gets it, not a word that depends on who came last
+        self.failure_reply: Any = None
 
     @property
     def retired(self) -> Cause | None:
@@ -213,6 +219,7 @@ class Supervisor:
         if not cfg.warmup:
             return True
         while True:
+            token = run.proof.token()
             left = deadline - time.monotonic()
             if left <= 0 or self._stop.is_set() or not run.worker.is_alive():
                 return False
@@ -220,6 +227,7 @@ class Supervisor:
                 run.port, cfg.warmup_path, method="POST", body=cfg.warmup_body, timeout=left
             )
             if status == 200:
+                run.proof.proven(token, "the warm-up completion")
                 return True
             if status is not None and status < 500:
                 # A client error will not fix itself: say so instead of looping until timeout.

@@ -12,7 +12,7 @@ import random
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pytest_metaloom import units
 
@@ -645,6 +645,19 @@ class ChainState:
     @property
     def exhausted(self) -> bool:
         return all(r == 0 for r in self.remaining)
+
+    def checkpoint(self) -> tuple[Any, ...]:
+        """The whole chain state (counts and the ``P%`` draws), for ``rollback``."""
+        draws = any(t.percent is not None and t.percent < 100 for t in self.point.terms)
+        return (list(self.remaining), self.hits, self.fired, self.rng.getstate() if draws else None)
+
+    def rollback(self, saved: tuple[Any, ...]) -> None:
+        """Undo the hits since ``checkpoint``: a held fault fires later, from the same
+        state (the same draws, so a seeded chain stays reproducible)."""
+        remaining, self.hits, self.fired, rng = saved
+        self.remaining = list(remaining)
+        if rng is not None:
+            self.rng.setstate(rng)
 
     def hit(self) -> Term | None:
         """Count a hit and return the term that fires (never ``off``), or None."""

@@ -7,11 +7,16 @@ observation for every element of the promise:
 - the process survived (same pid, or a worker restart the guard reported);
 - the affected request got the expected status and a structured error body (or, on a
   stream that had started, a structured error event followed by ``[DONE]``);
-- every bystander got a complete answer or the same error (never a hang or a cut);
+- every bystander got a complete answer or the same error (never a hang or a cut), and
+  was shown in flight when the fault fired (the fault's event lists it among the requests
+  the server was serving): a bystander that finished before the fault, or started after
+  it, answered nothing about the blast radius;
 - the recovery requests succeeded and ``/health`` answers 200;
 - where the fault needs a cache reset, both witnesses: the server-side cache event shows
   the prompt cache emptied, and a probe prompt proven warm before the fault
-  (``cached_tokens_before > 0``) answers cold after it.
+  (``cached_tokens_before > 0``) answers cold after it;
+- where the scenario repeats fault and recovery (``needs_memory_creep``), the active
+  memory was measured after every cycle and did not creep.
 
 Where no failure was observed but a witness is missing, the class is ``unproven`` and
 the outcome names each missing witness. The worst class that applies wins.
@@ -40,6 +45,7 @@ MEMORY_CREEP_LIMIT = 1 << 20  # bytes over all cycles; the tiny model's KV is ~2
 
 # What one bystander (a request in flight beside the affected one) got, in words.
 BYSTANDER_ANSWERED = "answered"  # a complete, successful answer
+BYSTANDER_SERVED = "served"  # a stream still being served after the fault (ended by us)
 BYSTANDER_SAME_ERROR = "same_error"  # the same structured error as the affected request
 BYSTANDER_HANG = "hang"  # no complete answer before its deadline
 BYSTANDER_TRUNCATED = "truncated"  # a 200 cut before its end
@@ -70,6 +76,7 @@ class Facts:
     complete: bool | None = None
     got_bytes: bool | None = None
     timed_out: bool | None = None
+    client_error: str | None = None  # the client failed: nothing of this request was seen
     structured_error: bool | None = None
     stream_started: bool | None = None
     sse_error_event: bool | None = None
@@ -89,10 +96,14 @@ class Facts:
     cached_tokens_after: int | None = None
     # blast radius: one BYSTANDER_* word per request in flight beside the affected one
     bystanders: list[str] = field(default_factory=list)
+    # per bystander: shown in flight when the fault fired (True), shown not (False: it
+    # finished before or started after), or unknown (None; a missing entry is unknown)
+    bystanders_in_flight: list[bool | None] = field(default_factory=list)
     # memory: active bytes at the first request after recovery, and the creep over
     # repeated fault/recover cycles (None when not measured)
     memory_after: int | None = None
     memory_creep_bytes: int | None = None
+    needs_memory_creep: bool = False  # a cycles scenario: the creep is what it is for
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,7 +177,8 @@ def process_rule(f: Facts) -> list[Finding]:
 def request_rule(f: Facts) -> list[Finding]:
     """The affected request: the expected status and a structured error, to its end."""
     if f.status is None and f.timed_out is None and f.complete is None and f.got_bytes is None:
-        return [_missing("the affected request's answer")]
+        failed = f" (the client failed: {f.client_error})" if f.client_error else ""
+        return [_missing(f"the affected request's answer{failed}")]
     if f.timed_out and not f.complete:
         streamed = " (bytes had streamed, then stopped)" if f.got_bytes else ""
         return [("hang", f"the affected request got no complete answer in time{streamed}")]
@@ -208,13 +220,17 @@ def _stream_findings(f: Facts) -> list[Finding]:
 
 
 def bystander_rule(f: Facts) -> list[Finding]:
-    """Requests in flight beside the affected one: a complete answer or the same error."""
+    """Requests in flight beside the affected one: a complete answer or the same error.
+
+    A failure counts wherever the bystander was; an answer counts as evidence only for a
+    bystander shown in flight when the fault fired.
+    """
     found: list[Finding] = []
     for index, got in enumerate(f.bystanders, 1):
         word, _, detail = got.partition(":")
-        if word in (BYSTANDER_ANSWERED, BYSTANDER_SAME_ERROR):
-            continue
-        if word == BYSTANDER_HANG:
+        if word in (BYSTANDER_ANSWERED, BYSTANDER_SERVED, BYSTANDER_SAME_ERROR):
+            found += _in_flight_findings(f, index)
+        elif word == BYSTANDER_HANG:
             found.append(("hang", f"bystander {index} got no complete answer before its deadline"))
         elif word == BYSTANDER_TRUNCATED:
             found.append(("request_lost", f"bystander {index} got a 200 cut before its end"))
@@ -231,6 +247,17 @@ def bystander_rule(f: Facts) -> list[Finding]:
         else:
             found.append(_missing(f"bystander {index}'s answer"))
     return found
+
+
+def _in_flight_findings(f: Facts, index: int) -> list[Finding]:
+    shown = f.bystanders_in_flight[index - 1] if index <= len(f.bystanders_in_flight) else None
+    if shown:
+        return []
+    if shown is None:
+        why = "no fault event lists the requests the server was serving"
+    else:
+        why = "it had finished before the fault fired, or started after it"
+    return [_missing(f"bystander {index} in flight when the fault fired ({why})")]
 
 
 def recovery_rule(f: Facts) -> list[Finding]:
@@ -301,6 +328,22 @@ def cache_rule(f: Facts) -> list[Finding]:
     return found
 
 
+def memory_rule(f: Facts) -> list[Finding]:
+    """A repeated fault/recover scenario needs its one witness: the memory creep."""
+    if not f.needs_memory_creep or f.alive is False:
+        return []
+    if f.behind_guard and f.worker_restarted:
+        return []  # every cycle got a fresh worker: nothing can creep across them
+    if f.memory_creep_bytes is None:
+        return [
+            _missing(
+                "the active-memory creep over the fault/recover cycles (a sample after every "
+                "cycle's recovery)"
+            )
+        ]
+    return []  # over the limit is judged by the cache rule (the reset did not release it)
+
+
 RULES: tuple[Callable[[Facts], list[Finding]], ...] = (
     fired_rule,
     process_rule,
@@ -308,6 +351,7 @@ RULES: tuple[Callable[[Facts], list[Finding]], ...] = (
     bystander_rule,
     recovery_rule,
     cache_rule,
+    memory_rule,
 )
 
 
@@ -418,12 +462,29 @@ def assert_recovered(outcome: Outcome, context: str = "", *, allow_unproven: boo
 def assert_cache_reset(
     outcome: Outcome, context: str = "", *, allow_unproven: bool = False
 ) -> None:
-    """Both cache witnesses show the prompt cache emptied by the reset."""
-    _check(outcome, (cache_rule,), "the prompt cache was not reset", context, allow_unproven)
+    """Both cache witnesses show the prompt cache emptied by the reset (and, for a
+    repeated fault/recover scenario, that memory did not creep)."""
+    _check(
+        outcome,
+        (cache_rule, memory_rule),
+        "the prompt cache was not reset",
+        context,
+        allow_unproven,
+    )
 
 
 def request_facts(observation: Any) -> dict[str, Any]:
-    """The affected-request fields of :class:`Facts`, read off a workload Observation."""
+    """The affected-request fields of :class:`Facts`, read off a workload Observation.
+
+    A client that failed (an exception) or never returned (``None``) observed nothing:
+    every field stays unknown and ``client_error`` names why.
+    """
+    if not hasattr(observation, "status"):
+        if observation is None:
+            why = "the client thread did not return within its bound"
+        else:
+            why = f"{type(observation).__name__}: {observation}"
+        return {"client_error": why}
     stream = bool(observation.stream)
     error_event = observation.error_event if stream else None
     if stream and error_event is not None:
@@ -455,6 +516,11 @@ def bystander_fact(observation: Any, affected: Any, expected_status: int) -> str
     """One bystander's observation in a word (see ``BYSTANDER_*``)."""
     if not hasattr(observation, "status"):
         return BYSTANDER_UNKNOWN  # the client thread failed or never returned
+    if getattr(observation, "stopped", False) and not observation.timed_out:
+        # the client ended a stream that went on after the fault: served, if clean so far
+        clean = observation.status == 200 and observation.error_event is None
+        if clean and not observation.protocol_error and observation.token_events:
+            return BYSTANDER_SERVED
     if observation.ok:
         return BYSTANDER_ANSWERED
     if observation.timed_out and not observation.complete:

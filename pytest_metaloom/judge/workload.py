@@ -134,6 +134,7 @@ class Observation:
     stalled: bool = False  # no byte for the stall bound (a subset of timed_out)
     connection_error: str | None = None
     protocol_error: str | None = None
+    stopped: bool = False  # the client ended the read on purpose (see ``Tap``)
 
     @property
     def got_bytes(self) -> bool:
@@ -268,6 +269,62 @@ def chat_body(
     return body
 
 
+class Tap:
+    """A live view of one streaming answer, shared with the thread that reads it.
+
+    The reader publishes each server-sent event as it arrives; another thread waits on
+    what it needs (``wait``) and may end the read on purpose (``end``): the observation
+    then says ``stopped`` (the stream was still being served) or, after ``end(stalled=
+    True)``, ``timed_out`` (no progress the caller was waiting for).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._events: list[SseEvent] = []
+        self.closed = False  # the read is over (answer complete, cut, or ended)
+        self.ended = threading.Event()
+        self.stalled = False
+
+    @property
+    def events(self) -> list[SseEvent]:
+        with self._cond:
+            return list(self._events)
+
+    def publish(self, events: Sequence[SseEvent]) -> None:
+        with self._cond:
+            if len(events) != len(self._events):
+                self._events = list(events)
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def wait(self, predicate: Callable[[list[SseEvent]], bool], timeout: float) -> bool:
+        """Until ``predicate(events)`` holds or the read is over; False when neither came
+        within ``timeout``."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self.closed or predicate(self._events), timeout=max(0.0, timeout)
+            )
+
+    def end(self, *, stalled: bool = False) -> None:
+        self.stalled = stalled
+        self.ended.set()
+
+
+def token_event(event: SseEvent) -> bool:
+    """An event that carried generated output (not an error, not ``[DONE]``)."""
+    payload = event.payload()
+    return isinstance(payload, dict) and "choices" in payload and "error" not in payload
+
+
+def error_sse(event: SseEvent) -> bool:
+    payload = event.payload()
+    return event.event == "error" or (isinstance(payload, dict) and "error" in payload)
+
+
 class Endpoint(Protocol):
     """A server to talk to: its base URL and the fields it wants in every request body
     (a server profile's request shape: vllm-mlx, for one, refuses a completion that does
@@ -297,6 +354,7 @@ def post(
     stall: float | None = None,
     progress: Callable[[], float] | None = None,
     progress_step: float = 0.05,
+    tap: Tap | None = None,
 ) -> Observation:
     """POST one request and read the answer to its end, a cut, the deadline or a stall.
 
@@ -304,7 +362,8 @@ def post(
     time without progress, so a server that stopped working is seen as hung after
     ``stall`` seconds, however long the deadline. Progress is a new byte or, when
     ``progress`` is given (e.g. the server's CPU seconds), that counter growing by
-    ``progress_step``: a long prefill sends nothing for seconds but is not hung.
+    ``progress_step``: a long prefill sends nothing for seconds but is not hung. A ``tap``
+    sees the stream's events as they arrive and can end the read (see :class:`Tap`).
     """
     base_url, fields = resolve_target(target)
     body = {**fields, **body}
@@ -343,6 +402,10 @@ def post(
             finished = False
             while not finished:
                 now = time.monotonic()
+                if tap is not None and tap.ended.is_set():
+                    obs.timed_out = obs.stalled = tap.stalled
+                    obs.stopped = not tap.stalled
+                    break
                 if now >= end:
                     obs.timed_out = True
                     break
@@ -352,6 +415,8 @@ def post(
                     obs.timed_out = obs.stalled = True
                     break
                 wait = min(end - now, last_progress + stall - now, watch.interval)
+                if tap is not None:
+                    wait = min(wait, 0.05)  # see an ``end`` soon
                 sock.settimeout(max(0.01, wait))
                 try:
                     chunk = sock.recv(_READ)
@@ -363,10 +428,15 @@ def post(
                     last_progress = time.monotonic()
                 conn.receive_data(chunk)
                 finished = _drain(conn, obs, body_bytes, sse) or not chunk
+                if tap is not None:
+                    tap.publish(sse.events)
     except h11.RemoteProtocolError as exc:
         obs.protocol_error = str(exc) or exc.__class__.__name__
     except OSError as exc:
         obs.connection_error = f"{exc.__class__.__name__}: {exc}"
+    finally:
+        if tap is not None:
+            tap.close()
     obs.elapsed = time.monotonic() - started
     obs.body = bytes(body_bytes)
     if obs.stream:
@@ -440,6 +510,7 @@ def chat(
     deadline: float = DEFAULT_DEADLINE,
     stall: float | None = None,
     progress: Callable[[], float] | None = None,
+    tap: Tap | None = None,
     **body_args: Any,
 ) -> Observation:
     """Send one chat completion (see :func:`chat_body` for the body arguments).
@@ -452,6 +523,7 @@ def chat(
         deadline=deadline,
         stall=stall,
         progress=progress,
+        tap=tap,
     )
 
 

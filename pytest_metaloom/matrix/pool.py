@@ -62,9 +62,7 @@ def item_timeout(settings: Settings) -> float:
     )
     deadlines = WORST_CASE_DEADLINES
     if settings.metaloom_real_metal or settings.metaloom_real_device:
-        from pytest_metaloom.matrix.realmetal import DEFAULT_MAX_TURNS
-
-        deadlines = DEFAULT_MAX_TURNS + 4
+        deadlines = max(settings.metaloom_max_turns, 1) + 4
     if settings.metaloom_real_device:  # CUDA turns get at least 60 s; a guard restart 60 s
         return float(round(server + (deadlines + 1) * max(settings.metaloom_deadline, 60.0)))
     return float(round(server + deadlines * settings.metaloom_deadline))

@@ -32,10 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from pytest_metaloom.judge.oracle import Outcome
+from pytest_metaloom.options import TURN_WORDS, default
+from pytest_metaloom.units import parse_size
 
 GiB = 1 << 30
 MiB = 1 << 20
-DEFAULT_HEADROOM = 3 * GiB
+DEFAULT_HEADROOM = parse_size(default("metaloom_headroom"))
 DEFAULT_DECODE_HEADROOM = 64 * MiB
 PROBE_PROMPT = "metaloom real-device probe: the quick brown fox jumps over the lazy dog"
 OOM_MARKERS = ("out of memory", "unable to allocate", "insufficient memory", "resource limit")
@@ -99,8 +101,8 @@ class RealDevicePlan:
     site: str = "prefill"
     headroom: int = DEFAULT_HEADROOM
     decode_headroom: int = DEFAULT_DECODE_HEADROOM
-    turn_words: int = 120
-    max_turns: int = 24
+    turn_words: int = TURN_WORDS["metal"]
+    max_turns: int = default("metaloom_max_turns")
     max_tokens: int = 4
     decode_tokens: int = 4096
     decode_context_turns: int = 1
@@ -546,19 +548,15 @@ def run_real_device(
     )
 
 
-# ---------------------------------------------------------------------- the pytest session
-
-DEFAULT_MAX_TURNS = 24
-TURN_WORDS = {"metal": 120, "cuda": 1400}  # cuda: ~9.4k tokens a turn with the tiny tokenizer
-HELPER_COMMAND: list[str] | None = None  # None: the real helper; tests name a stand-in
-_SESSION_HELPER: Any = None
+# ---------------------------------------------------------------------- session settings
 
 
-def session_helper() -> Any:
-    """One headroom helper per session (starting PyTorch on the GPU costs seconds)."""
-    global _SESSION_HELPER
-    from pytest_metaloom.server.headroom import HeadroomHelper
-
-    if _SESSION_HELPER is None:
-        _SESSION_HELPER = HeadroomHelper(HELPER_COMMAND)
-    return _SESSION_HELPER
+def max_turns(settings: Any) -> int:
+    """--metaloom-max-turns, checked where a plan is made, so a bad value names the option."""
+    turns = settings.metaloom_max_turns
+    if turns < 1:
+        raise RealDeviceError(
+            f"--metaloom-max-turns={turns} would drive no turn at all; give 1 or more "
+            "(the tool loop stops at the first real failure anyway)"
+        )
+    return turns

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pytest_metaloom.options import TURN_WORDS, default
+
 SYSCTL_KEY = "iogpu.wired_limit_mb"
 
 
@@ -103,7 +105,9 @@ _APPLIED: set[WiredLimit] = set()
 
 
 def restore_all() -> None:
-    """Put back every ceiling still lowered (session teardown; Ctrl-C and SIGTERM end there).
+    """Put back every ceiling this process still has lowered: the safety net of a dying
+    process or a script. A pytest session restores only its own ceilings
+    (``backends.DeviceSession``); an inner pytester session must not restore the outer's.
 
     Each restore is tried even if an earlier one fails, so one broken ``sudo`` cannot
     leave another value lowered; the first failure is raised afterwards.
@@ -122,7 +126,6 @@ def restore_all() -> None:
 
 DEFAULT_WIRED = "active+2GiB"
 DEFAULT_MEMORY = "active+2GiB"
-DEFAULT_MAX_TURNS = 24
 SYSCTL_HEADROOM = 2 * 2**30
 PROBE_PROMPT = "metaloom real-metal probe: the quick brown fox jumps over the lazy dog"
 
@@ -139,10 +142,10 @@ class RealMetalPlan:
     wired: str | None = DEFAULT_WIRED
     memory: str | None = DEFAULT_MEMORY
     sysctl_mb: int | None = None
-    max_turns: int = DEFAULT_MAX_TURNS
+    max_turns: int = default("metaloom_max_turns")
     deadline: float = 60.0
     max_tokens: int = 4
-    document_words: int = 120
+    document_words: int = TURN_WORDS["metal"]
 
     def __post_init__(self) -> None:
         from pytest_metaloom.units import SizeError, check_size
@@ -187,11 +190,21 @@ class MetalPressure:
     name = "metal"
     hold_through_recovery = False  # the machine-wide ceiling goes back as soon as it can
 
-    def __init__(self, wired: str | None, memory: str | None, sysctl_mb: int | None) -> None:
+    def __init__(
+        self,
+        wired: str | None,
+        memory: str | None,
+        sysctl_mb: int | None,
+        *,
+        ceilings: set[WiredLimit] | None = None,
+    ) -> None:
         self.wired = wired
         self.memory = memory
         self.sysctl_mb = sysctl_mb
         self.ceiling: Any = None
+        self.ceilings = ceilings
+        """The session's set of lowered ceilings: a ceiling stays in it until it is back,
+        so the session's teardown restores it should this run be interrupted."""
 
     def prepare(self, server: Any) -> dict[str, Any]:
         if self.wired is None and self.memory is None:
@@ -201,12 +214,17 @@ class MetalPressure:
     def squeeze(self) -> dict[str, Any]:
         if self.sysctl_mb is None:
             return {}
-        self.ceiling = WiredLimit(self.sysctl_mb).apply()
+        self.ceiling = WiredLimit(self.sysctl_mb)
+        if self.ceilings is not None:
+            self.ceilings.add(self.ceiling)
+        self.ceiling.apply()
         return {"sysctl_mb": self.sysctl_mb}
 
     def relax(self) -> None:
         if self.ceiling is not None:
             self.ceiling.restore()
+            if self.ceilings is not None:
+                self.ceilings.discard(self.ceiling)
             self.ceiling = None
 
     def tighten(self) -> dict[str, Any]:
@@ -216,13 +234,16 @@ class MetalPressure:
         return {}
 
 
-def run_real_scenario(server: Any, plan: RealMetalPlan | None = None) -> Any:
+def run_real_scenario(
+    server: Any, plan: RealMetalPlan | None = None, *, ceilings: set[WiredLimit] | None = None
+) -> Any:
     """Lower the real limits, drive the tool loop until MLX fails for real, classify.
 
     The Metal face of :func:`pytest_metaloom.matrix.realdevice.run_real_device`: the
     same drive and judge, with MLX's limits (and, opted in, the system ceiling) as the
     squeeze. Nothing is simulated: the injector only applies the limits. On a backend
-    that never fails (the CPU one) the honest result is ``not_fired``.
+    that never fails (the CPU one) the honest result is ``not_fired``. ``ceilings``: the
+    session's set of lowered ceilings (see :class:`MetalPressure`).
     """
     from pytest_metaloom.matrix import realdevice
 
@@ -238,7 +259,7 @@ def run_real_scenario(server: Any, plan: RealMetalPlan | None = None) -> Any:
         max_tokens=plan.max_tokens,
         deadline=plan.deadline,
     )
-    pressure = MetalPressure(plan.wired, plan.memory, plan.sysctl_mb)
+    pressure = MetalPressure(plan.wired, plan.memory, plan.sysctl_mb, ceilings=ceilings)
     result = realdevice.run_real_device(server, device_plan, pressure)
     result.plan = plan
     return result
@@ -249,8 +270,10 @@ def plan_for(settings: Any, model: str | Path | None) -> RealMetalPlan:
 
     The system ceiling is touched only with ``--metaloom-sysctl``: it is machine-wide.
     """
+    from pytest_metaloom.matrix.realdevice import max_turns
+
     return RealMetalPlan(
         sysctl_mb=sysctl_limit_mb(model) if settings.metaloom_sysctl else None,
-        max_turns=DEFAULT_MAX_TURNS,
+        max_turns=max_turns(settings),
         deadline=settings.metaloom_deadline,
     )

@@ -1,8 +1,9 @@
 """The runner that turns one scenario into facts for the oracle.
 
 It drives a live server through the scenario: warm a probe prompt, arm the fault for one
-tagged request, send it (with bystanders), then look at everything a client and the event
-log can see: process, status line, stream end, /health, recovery, cache reset.
+tagged request, send it (after its bystanders are shown generating), then look at
+everything a client and the event log can see: process, status line, stream end, which
+requests were in flight when the fault fired, /health, recovery, cache reset.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pytest_metaloom.judge.oracle import (
     request_facts,
 )
 from pytest_metaloom.matrix.bounds import Bounds, cpu_progress
-from pytest_metaloom.matrix.scenarios import PROBE_PROMPT, Scenario
+from pytest_metaloom.matrix.scenarios import BYSTANDER_TOKENS, PROBE_PROMPT, Scenario
 
 
 @dataclass
@@ -214,6 +215,7 @@ class ScenarioRunner:
         samples = [r.outcome.facts.memory_after for r in results]
         last = results[-1]
         facts = last.outcome.facts
+        facts.needs_memory_creep = True  # unmeasured, the row is unproven, never graceful
         if len(results) == self.cycles and all(v is not None for v in samples):
             facts.memory_creep_bytes = max(0, samples[-1] - samples[0])
         timings = {k: sum(r.timings.get(k, 0.0) for r in results) for k in last.timings}
@@ -301,6 +303,7 @@ class ScenarioRunner:
                     break
                 recovery.append(follow())
         timings["fault_to_verdict"] = time.monotonic() - t_fault
+        raised = [e for e in server.events()[events_before:] if e.get("event") == "raised"]
         guard_restarts_after = self._guard_restarts()
         worker_restarted = None
         if guard_restarts_before is not None and guard_restarts_after is not None:
@@ -324,8 +327,9 @@ class ScenarioRunner:
             cached_tokens_after=cached_after,
             memory_after=memory_after,
             bystanders=[
-                bystander_fact(b, affected, scenario.kind.expected_status) for b in bystanders
+                bystander_fact(b, affected, scenario.kind.expected_status) for _, b in bystanders
             ],
+            bystanders_in_flight=[_in_flight(fired_events + raised, bid) for bid, _ in bystanders],
             **request_facts(affected),
         )
         timings["total"] = time.monotonic() - t0
@@ -339,7 +343,7 @@ class ScenarioRunner:
             log_tail=server.log_tail(30),
             restarted_before=restarted,
         )
-        stuck = affected.timed_out or any(o.timed_out for o in recovery)
+        stuck = getattr(affected, "timed_out", False) or any(o.timed_out for o in recovery)
         if stuck or hang_kind:
             # the verdict is in: only now release the hang, then replace the stuck server
             self._injector_status(release=True)
@@ -359,31 +363,75 @@ class ScenarioRunner:
 
     def _drive(
         self, scenario: Scenario, rid: str, seed: int | None
-    ) -> tuple[workload.Observation, list[Any]]:
+    ) -> tuple[Any, list[tuple[str, Any]]]:
+        """The affected request and ``(request id, observation)`` per bystander.
+
+        Ordered by evidence, not by sleeps. Each bystander streams a long answer, and the
+        affected request is sent once every bystander has streamed a token (it is
+        generating); for a fault after the affected stream started, the other way round
+        (``Scenario.affected_first``), the runtime holding the fault until the last
+        bystander joined. After the affected request's answer each bystander is watched
+        until it streams one more token (it went on after the fault: the client ends it,
+        ``served``), ends by itself (an error, a cut) or makes no progress for the stall
+        bound (``hang``). Whether a bystander was in flight when the fault fired is read
+        afterwards from the fault's event, never assumed.
+        """
         if scenario.workload == "tool_loop":
             return self._tool_loop(seed), []
+        ids = [f"{rid}-by{n}" for n in range(1, scenario.bystanders + 1)]
+        taps = {bid: workload.Tap() for bid in ids}
+        first = workload.Tap() if scenario.affected_first else None
 
-        def affected() -> workload.Observation:
-            if scenario.bystanders:
-                time.sleep(0.05)  # bystanders are in flight first: the blast radius
+        def bystander(bid: str) -> workload.Observation:
+            if first is not None:
+                first.wait(_any_token, self.stall)  # the affected stream started (bounded)
             return self._chat(
-                # unique per request: a prompt cached by an earlier scenario would
-                # leave nothing to prefill, and a prefill fault would never fire
-                workload.single_turn(f"Explain why GPUs run out of memory ({rid})."),
-                request_id=rid,
-                stream=scenario.stream,
-                max_tokens=8,
+                workload.single_turn("a bystander question, answered at length"),
+                request_id=bid,
+                stream=True,
+                max_tokens=BYSTANDER_TOKENS,
                 seed=seed,
+                tap=taps[bid],
             )
 
-        def bystander() -> workload.Observation:
-            return self._chat(workload.single_turn("a bystander question"), max_tokens=4, seed=seed)
+        def affected() -> workload.Observation:
+            if first is None:
+                for tap in taps.values():
+                    tap.wait(_any_token, self.stall)  # generating (or over), bounded
+            try:
+                return self._chat(
+                    # unique per request: a prompt cached by an earlier scenario would
+                    # leave nothing to prefill, and a prefill fault would never fire
+                    workload.single_turn(f"Explain why GPUs run out of memory ({rid})."),
+                    request_id=rid,
+                    stream=scenario.stream,
+                    # first, it must still be generating when the bystanders join
+                    max_tokens=8 if first is None else BYSTANDER_TOKENS,
+                    seed=seed,
+                    tap=first,
+                )
+            finally:
+                self._settle(taps.values())
 
-        # each request is bounded by its own deadline; the join adds a margin on top
-        results = workload.concurrently(
-            [affected, *[bystander] * scenario.bystanders], timeout=self.deadline + 5
-        )
-        return results[0], results[1:]
+        calls = [affected, *[lambda b=bid: bystander(b) for bid in ids]]
+        # each request is bounded by its own deadline (one side waits at most a stall
+        # bound for the other first); the join adds a margin on top
+        results = workload.concurrently(calls, timeout=2 * self.stall + self.deadline + 5)
+        return results[0], list(zip(ids, results[1:], strict=True))
+
+    def _settle(self, taps: Any) -> None:
+        """After the affected answer: one more token per bystander, or its end, or a stall."""
+        for tap in taps:
+            mark = sum(1 for e in tap.events if workload.token_event(e))
+
+            def went_on(events: list[workload.SseEvent], mark: int = mark) -> bool:
+                if any(workload.error_sse(e) for e in events):
+                    return False  # an error came: wait for the stream to end by itself
+                return sum(1 for e in events if workload.token_event(e)) > mark
+
+            progressed = tap.wait(went_on, self.stall)
+            if not tap.closed:
+                tap.end(stalled=not progressed)
 
     def _tool_loop(self, seed: int | None, max_turns: int = 8) -> Any:
         """Turns until one fails (the limit was crossed); the conversation is kept so the
@@ -476,6 +524,22 @@ def survival_facts(
         "recovery_ok": all(o.ok for o in recovery) if recovery else None,
         "recovery_hung": any(o.timed_out for o in recovery) if recovery else None,
     }
+
+
+def _any_token(events: list[workload.SseEvent]) -> bool:
+    return any(workload.token_event(e) for e in events)
+
+
+def _in_flight(fault_events: Sequence[dict], request_id: str) -> bool | None:
+    """Whether ``request_id`` was being served when the fault fired (or surfaced).
+
+    The runtime writes the ids it was serving into each ``fired`` and ``raised`` event;
+    without such an event (or one that carries no ids) nobody can say (``None``).
+    """
+    listed = [e["request_ids"] for e in fault_events if isinstance(e.get("request_ids"), list)]
+    if not listed:
+        return None
+    return any(request_id in ids for ids in listed)
 
 
 def _fired_count(status: dict) -> int:

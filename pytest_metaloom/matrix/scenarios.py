@@ -25,6 +25,14 @@ MEMORY_LIMIT = "allocated+1KiB"
 # when armed + 1 MiB (on the tiny model that is within the first turn or two).
 TOOL_LOOP_MEMORY = "allocated+1MiB"
 PROBE_PROMPT = "metaloom cache probe: the quick brown fox jumps over the lazy dog again"
+# A bystander streams a long answer and the client ends it once it has streamed past the
+# fault, so it is in flight when the fault fires however fast the model is (the fault's
+# event shows it was); a short one would not be: a new request joins a running batch
+# only between mlx-lm's generation time slices (0.5 s in 0.32), which a few tokens never
+# outlive. On the sequential path the server serves one request at a time, so no request
+# can be in flight beside the affected one: the default matrix sends bystanders on the
+# batched path only.
+BYSTANDER_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,7 @@ class Scenario:
     stream: bool
     site: str
     workload: str = "single"
-    bystanders: int = 1
+    bystanders: int = 1  # requests sent beside the affected one (batched path)
     trigger: str = "memory"  # "count": the first evaluation at the site, whatever memory
 
     @property
@@ -47,6 +55,16 @@ class Scenario:
     @property
     def kind(self) -> Any:
         return FAULT_KINDS[self.fault]
+
+    @property
+    def affected_first(self) -> bool:
+        """A fault after the affected stream started, with bystanders beside it: the
+        affected request streams first (a long answer), the bystanders join once it has,
+        and the fault waits for the last of them (``nth_request``): otherwise the
+        bystanders' tokens would satisfy ``after_tokens`` before the affected streamed."""
+        return (
+            self.workload == "single" and self.stream and self.site == "decode"
+        ) and self.bystanders > 0
 
     def spec(self, request_id: str, *, wired: str | None = None) -> str:
         """The fault spec that arms this scenario for one request."""
@@ -60,6 +78,8 @@ class Scenario:
             filters += [f"site={self.site}", f"request={request_id}"]
             if self.stream and self.site == "decode":
                 filters.append("after_tokens=2")  # let the stream start first
+            if self.affected_first:  # request ordinals count from the arming
+                filters.append(f"nth_request={self.bystanders + 1}")
             if self.trigger == "memory":
                 filters.append(f"memory={MEMORY_LIMIT}")
         return f"1*{self.fault}{args}@{','.join(filters)}"
@@ -110,7 +130,15 @@ def build_matrix(
                 if full:
                     for is_stream, site in itertools.product(use_stream, use_sites):
                         scenarios.append(
-                            Scenario(fault, sem, path, is_stream, site, trigger=trigger)
+                            Scenario(
+                                fault,
+                                sem,
+                                path,
+                                is_stream,
+                                site,
+                                bystanders=_bystanders(path),
+                                trigger=trigger,
+                            )
                         )
                     continue
                 n = next(rotation)
@@ -118,7 +146,17 @@ def build_matrix(
                 is_stream = use_stream[(n // len(use_sites)) % len(use_stream)]
                 if fault == "hang" and path != use_paths[0]:
                     continue  # one hang scenario is enough: each costs a deadline
-                scenarios.append(Scenario(fault, sem, path, is_stream, site, trigger=trigger))
+                scenarios.append(
+                    Scenario(
+                        fault,
+                        sem,
+                        path,
+                        is_stream,
+                        site,
+                        bystanders=_bystanders(path),
+                        trigger=trigger,
+                    )
+                )
     if (not faults or "resource_limit" in faults) and "batched" in use_paths:
         if not semantics or "sync" in semantics:
             scenarios.append(
@@ -132,6 +170,11 @@ def build_matrix(
                 Scenario("cmdbuf_oom", sem, "batched", False, "decode", "tool_loop", 0)
             )
     return scenarios
+
+
+def _bystanders(path: str) -> int:
+    """One bystander where requests share the batch; none where they never overlap."""
+    return 1 if path == "batched" else 0
 
 
 def _check_names(what: str, given: Sequence[str], valid: Any) -> None:

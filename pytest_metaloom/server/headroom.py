@@ -6,9 +6,10 @@ way to make the allocator fail for real is the way a user's box runs out: someth
 else holds the memory. This module is both sides of that:
 
 - :class:`HeadroomHelper` (harness side) starts the helper, tells it how much to leave
-  free, and always releases it: on ``stop()``, at ``release_all()`` (session teardown,
-  which Ctrl-C and SIGTERM reach), at interpreter exit, and, should the harness be
-  killed outright, because the helper exits as soon as its stdin closes.
+  free, and always releases it: on ``stop()`` (a pytest session stops its own helper at
+  its teardown, which Ctrl-C and SIGTERM reach: ``matrix/backends.DeviceSession``), at
+  interpreter exit (``release_all``), and, should the harness be killed outright,
+  because the helper exits as soon as its stdin closes.
 - ``python -m pytest_metaloom.server.headroom`` (helper side) holds memory with PyTorch
   when it is installed, else with MLX itself in this second process.
 
@@ -46,7 +47,9 @@ _LIVE: set[HeadroomHelper] = set()
 
 
 def release_all() -> None:
-    """Stop every helper still running (session teardown, Ctrl-C, SIGTERM, atexit)."""
+    """Stop every helper this process still runs: the net of a dying process (atexit) and of
+    scripts. Never a pytest session's teardown: an inner pytester session would stop the
+    outer session's helper (a session stops its own, ``backends.DeviceSession``)."""
     for helper in list(_LIVE):
         with contextlib.suppress(Exception):
             helper.stop()

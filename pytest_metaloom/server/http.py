@@ -2,7 +2,7 @@
 
 Everything that only needs "what status, what body" goes through here (the server's
 readiness and health probes and warm-up, the fixtures, the guard's probes of its worker,
-downstream helpers such as ``judge.workload.wait_healthy``), on ``requests``. What
+downstream helpers such as ``judge.workload.health``), on ``requests``. What
 arrived on the wire and when (the verdict's evidence) is observed by ``judge/workload.py``
 on a real HTTP parser instead.
 """

@@ -14,7 +14,10 @@ Per request (JSON field ``behave``):
   hang           the loop blocks without using CPU
   busy           the loop computes for ``secs`` seconds (CPU), then answers
 Streams start with a keep-alive comment (as mlx_lm.server's prompt progress does) unless
-``"keepalive": false``.
+``"keepalive": false``. Ordering by evidence, not by sleeps: ``"queued": PATH`` is touched once
+the request is in the loop's queue; ``"gate": PATH`` makes a ``wedge`` wait (bounded) for PATH
+before its loop dies; ``"notice": false`` makes a waiting handler never look at the loop's
+state, so only the worker's end ends it (a request stuck behind a dead loop).
 Environment: ``STANDIN_STARTS=DIR`` records each start; with ``STANDIN_HOLD=1`` every start after
 the first waits (bounded) for ``DIR/open`` before listening, so a test can watch a restart.
 """
@@ -69,8 +72,15 @@ class Loop:
         n = int(req.get("events", 3)) if req.get("stream") else 1
         for i in range(n):
             if behave == "wedge" and i == int(req.get("die_at", 0)):
+                gate = req.get("gate")
+                deadline = time.monotonic() + 60
+                while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+                    time.sleep(0.02)
                 raise RuntimeError(req.get("error", OOM))
             rq.put({"i": i, "pid": os.getpid(), "echo": req.get("prompt")})
+        if behave == "wedge_quietly":
+            # dead to /health before the answer ends, so a test that asks after it is ordered
+            self.failed = True
         rq.put(None)
         if behave == "wedge_quietly":
             raise RuntimeError(req.get("error", OOM))
@@ -80,15 +90,20 @@ class Loop:
             raise RuntimeError("generation thread died")
         rq: queue.Queue = queue.Queue()
         self.requests.put((rq, req))
-        self._next(rq)  # ctx
+        if req.get("queued"):
+            Path(req["queued"]).touch()
+        notice = req.get("notice", True)
+        self._next(rq, notice)  # ctx
 
         def items():
-            while (item := self._next(rq)) is not None:
+            while (item := self._next(rq, notice)) is not None:
                 yield item
 
         return items()
 
-    def _next(self, rq: queue.Queue):
+    def _next(self, rq: queue.Queue, notice: bool = True):
+        if not notice:
+            return rq.get(timeout=300)  # only the worker's end (or this bound) stops the wait
         while True:
             try:
                 return rq.get(timeout=1.0)

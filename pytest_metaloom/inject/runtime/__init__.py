@@ -5,6 +5,7 @@ and fails the way MLX fails. Never imports pytest. One module per job:
 
 - ``locate``: which mlx-lm call an evaluation comes from (site, path, line);
 - ``triggers``: filters, chains and the memory crossing a point waits for;
+- ``waits``: which evaluations only wait (allocate nothing), from MLX's graph state;
 - ``timing``: how and when each fault kind fails (instead of, after, parked, abort);
 - ``native``: the native thread that aborts the process like Metal's handler;
 - ``state``: the ``Runtime`` (armed points, parked errors, limits, requests, events);

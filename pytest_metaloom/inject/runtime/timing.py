@@ -1,7 +1,10 @@
 """How each fault kind fails, and when, as MLX does it.
 
 - allocator kinds and ``runtime_error``: raised *instead of* the evaluation (the
-  allocator throws before the work is encoded: the outputs stay unevaluated);
+  allocator throws before the work is encoded: the outputs stay unevaluated). An
+  allocator fault never fires at a wait-only point (``waits``: every array already
+  evaluated or committed, so MLX allocates nothing there); it is held for the next
+  evaluation that allocates. A parked error still surfaces at such a point;
 - command buffer, ``sync``: the work runs, then the evaluation that committed it raises;
 - command buffer, ``deferred`` (mlx >= 0.32, PR #3523): the work runs and the error is
   parked on the stream; it is raised at the next synchronisation point *of that stream*
@@ -108,7 +111,11 @@ def wait_for_death(rt: Runtime, op: str) -> None:
 
 
 def choose(rt: Runtime, frame: Any, op: str, args: Any) -> tuple[Point, F.Term, Ctx] | None:
-    """Count a hit on every matching point; the first term that fires wins."""
+    """Count a hit on every matching point; the first term that fires wins.
+
+    A point whose hit would fire an allocator fault at a wait-only evaluation is held
+    (its hit undone): MLX allocates nothing there, so its allocator cannot fail there.
+    """
     with rt.lock:
         if not rt.points:
             return None
@@ -116,11 +123,24 @@ def choose(rt: Runtime, frame: Any, op: str, args: Any) -> tuple[Point, F.Term, 
         ctx = Ctx(rt, frame, op, args)
         chosen = None
         for p in rt.points:
-            if p.matches(rt, ctx):
-                term = p.chain.hit()
-                if term is not None and chosen is None:
-                    chosen = (p, term, ctx)
+            saved = p.save()
+            if not p.matches(rt, ctx):
+                continue
+            term = p.chain.hit()
+            if term is None:
+                continue
+            if allocates(term) and ctx.wait_only():
+                p.hold(saved, ctx)
+                continue
+            if chosen is None:
+                chosen = (p, term, ctx)
         return chosen
+
+
+def allocates(term: F.Term) -> bool:
+    """Whether ``term`` fails in MLX's allocator (so only where something is allocated)."""
+    kind = term.kind
+    return kind is not None and kind.family == "allocator"
 
 
 def fired_info(
@@ -143,6 +163,8 @@ def fired_info(
         "memory": mem,
         "usage": mem["active"] + mem["cache"],
         "crossing": point.crossing,
+        "held": point.held,
+        "held_where": point.held_where,
         "wired_limit": point.wired if point.wired is not None else rt.wired_limit,
         "eval_index": rt.eval_index,
         "tokens": rt.tokens,

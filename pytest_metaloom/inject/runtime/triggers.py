@@ -7,6 +7,11 @@ materialise, goes over the limit (lowered, relative to the usage measured when a
 (``mx.get_peak_memory()``, reset when armed); ``wired`` the active + cached buffers.
 The crossing is what the ``fired`` event shows. Call counts (``nth_eval``...) remain
 available as explicit filters.
+
+An allocator fault that comes due at a wait-only point (``waits``: nothing to allocate)
+is held: the point's counts and chain are rolled back to before that evaluation, so it
+fires at the next matching evaluation that allocates. For an allocator fault, the
+evaluations counted (``nth_eval``, ``after_evals``) are the ones that allocate.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any, Protocol
 
 from pytest_metaloom.inject import faults as F
 
+from . import waits
 from .locate import Location, locate
 
 
@@ -58,6 +64,7 @@ class Ctx:
         self._location: Location | None = None
         self._memory: dict[str, int] | None = None
         self._requested: int | None = None
+        self._wait_only: bool | None = None
 
     @property
     def location(self) -> Location:
@@ -80,6 +87,12 @@ class Ctx:
         if self._requested is None:
             self._requested = requested_bytes(self.rt.mx, self.args)
         return self._requested
+
+    def wait_only(self) -> bool:
+        """Whether this evaluation only waits: all its arrays already have buffers."""
+        if self._wait_only is None:
+            self._wait_only = waits.only_waits(self.rt.mx, self.args)
+        return self._wait_only
 
     def counter(self, key: str) -> tuple[str, int]:
         """The counter a ``memory``/``wired`` limit is compared with, and its value."""
@@ -112,6 +125,8 @@ class Point:
         self.token_base = rt.tokens
         self.evals = 0
         self.crossing: dict[str, Any] | None = None
+        self.held = 0  # wait-only evaluations an allocator fault was held over
+        self.held_where: str | None = None  # the first of them
 
     @property
     def wired(self) -> int | None:
@@ -160,6 +175,18 @@ class Point:
                 }
         return None
 
+    def save(self) -> tuple[Any, ...]:
+        """Counts, crossing and chain state before an evaluation, for ``hold``."""
+        return (self.evals, self.crossing, self.chain.checkpoint())
+
+    def hold(self, saved: tuple[Any, ...], ctx: Ctx) -> None:
+        """Undo this evaluation's hit: the fault stays armed for one that allocates."""
+        self.evals, self.crossing, chain = saved
+        self.chain.rollback(chain)
+        self.held += 1
+        if self.held_where is None:
+            self.held_where = ctx.location.where
+
     def matches(self, rt: Runtime, ctx: Ctx) -> bool:
         if not self.resolved or self.chain.exhausted or not self._requests_match(rt):
             return False
@@ -185,6 +212,7 @@ class Point:
             "hits": self.chain.hits,
             "fired": self.chain.fired,
             "exhausted": self.chain.exhausted,
+            "held": self.held,
             "wired": self.wired,
             "memory": self.memory,
         }
