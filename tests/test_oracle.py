@@ -234,7 +234,7 @@ def test_guard_restart_counts_as_survival_with_a_cold_cache():
         ({"bystanders": ["unknown"]}, "bystander 1's answer"),
         # an answer from a bystander not shown in flight says nothing about the blast radius
         ({"bystanders_in_flight": [False]}, "bystander 1 in flight when the fault fired"),
-        ({"bystanders_in_flight": [None]}, "no fault event lists the requests"),
+        ({"bystanders_in_flight": [None]}, "no fault event names it among the requests"),
         ({"bystanders_in_flight": []}, "bystander 1 in flight"),  # a missing entry: unknown
         (
             {

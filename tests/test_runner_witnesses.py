@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pytest_metaloom.judge import workload
-from pytest_metaloom.matrix.runner import ScenarioRunner
+from pytest_metaloom.matrix.runner import ScenarioRunner, _in_flight
 from pytest_metaloom.matrix.scenarios import Scenario
 from pytest_metaloom.patchset.manifest import load_patch_set
 from pytest_metaloom.patchset.overlay import build_overlay
@@ -143,3 +143,19 @@ def test_a_failed_affected_client_is_a_named_unknown_not_a_crash(graceful_server
     assert outcome.facts.fired and outcome.facts.status is None
     assert outcome.outcome == "unproven", outcome.reasons
     assert outcome.missing == [f"the affected request's answer (the client failed: {says})"]
+
+
+@pytest.mark.parametrize(
+    ("request_ids", "expected"),
+    [
+        ([["r-1", "r-1-by1"]], True),  # named: it was served beside the fault
+        ([["r-1"]], False),  # every request served was named, and it is not among them
+        # a server that keeps the header from mlx-lm's code names only the armed request:
+        # the anonymous one may be the bystander (measured on vllm-mlx and rapid-mlx)
+        ([["r-1", "anon-7"]], None),
+        ([], None),  # no fault event with ids at all
+    ],
+)
+def test_a_bystander_absent_beside_unnamed_requests_is_unknown(request_ids, expected):
+    events = [{"event": "fired", "request_ids": ids} for ids in request_ids]
+    assert _in_flight(events, "r-1-by1") is expected

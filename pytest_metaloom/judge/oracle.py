@@ -254,7 +254,7 @@ def _in_flight_findings(f: Facts, index: int) -> list[Finding]:
     if shown:
         return []
     if shown is None:
-        why = "no fault event lists the requests the server was serving"
+        why = "no fault event names it among the requests the server was serving"
     else:
         why = "it had finished before the fault fired, or started after it"
     return [_missing(f"bystander {index} in flight when the fault fired ({why})")]

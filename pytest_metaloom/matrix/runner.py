@@ -28,6 +28,8 @@ from pytest_metaloom.judge.oracle import (
 from pytest_metaloom.matrix.bounds import Bounds, cpu_progress
 from pytest_metaloom.matrix.scenarios import BYSTANDER_TOKENS, PROBE_PROMPT, Scenario
 
+ANON_PREFIX = "anon-"  # the runtime's name for a request whose id it could not read
+
 
 @dataclass
 class ScenarioResult:
@@ -534,12 +536,19 @@ def _in_flight(fault_events: Sequence[dict], request_id: str) -> bool | None:
     """Whether ``request_id`` was being served when the fault fired (or surfaced).
 
     The runtime writes the ids it was serving into each ``fired`` and ``raised`` event;
-    without such an event (or one that carries no ids) nobody can say (``None``).
+    without such an event (or one that carries no ids) nobody can say (``None``). A server
+    that keeps the request header from mlx-lm's code (vllm-mlx, rapid-mlx, ...) names only
+    the armed request; every other one it serves is ``anon-N``, which may be this one: an id
+    absent from a list that holds anonymous requests is unknown too, not "not in flight".
     """
     listed = [e["request_ids"] for e in fault_events if isinstance(e.get("request_ids"), list)]
     if not listed:
         return None
-    return any(request_id in ids for ids in listed)
+    if any(request_id in ids for ids in listed):
+        return True
+    if any(str(other).startswith(ANON_PREFIX) for ids in listed for other in ids):
+        return None
+    return False
 
 
 def _fired_count(status: dict) -> int:
