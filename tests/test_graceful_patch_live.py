@@ -130,8 +130,9 @@ def test_the_overlay_is_what_the_server_imports_and_it_knows_every_text(
         for name, kind in faults.FAULT_KINDS.items()
         if kind.family in ("allocator", "command_buffer")
     }
-    assert "cudaMallocAsync(&data, size, stream) failed: out of memory" in (
-        texts["unable_to_allocate"]
+    assert (
+        "cudaMallocAsync(&data, size, stream) failed: out of memory"
+        in (texts["unable_to_allocate"])
     )
     script = textwrap.dedent(
         """

@@ -352,5 +352,3 @@ def _check_diff(diff: Path, set_name: str) -> None:
 
 def in_package(target: str) -> bool:
     return target.startswith(PACKAGE_DIR + "/")
-
-

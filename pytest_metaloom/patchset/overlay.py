@@ -218,5 +218,3 @@ def server_env(overlay_dir: Path | None, base_env: Mapping[str, str] | None = No
     rest = env.get("PYTHONPATH", "")
     value = str(overlay_dir) + (os.pathsep + rest if rest else "")
     return {"PYTHONPATH": value}
-
-

@@ -69,5 +69,3 @@ def format_table(records: Iterable[dict[str, Any]]) -> list[str]:
         failed = sum(1 for r in mine if not r["passed"])
         lines.append(f"{label}: {len(mine)} scenarios: {summary}; {failed} failed expectations")
     return lines
-
-
