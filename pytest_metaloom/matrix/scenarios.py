@@ -128,25 +128,15 @@ def build_matrix(
         for sem in _semantics_for(fault, semantics):
             for path in use_paths:
                 if full:
-                    for is_stream, site in itertools.product(use_stream, use_sites):
-                        scenarios.append(
-                            Scenario(
-                                fault,
-                                sem,
-                                path,
-                                is_stream,
-                                site,
-                                bystanders=_bystanders(path),
-                                trigger=trigger,
-                            )
-                        )
-                    continue
-                n = next(rotation)
-                site = "decode" if fault == "hang" else use_sites[n % len(use_sites)]
-                is_stream = use_stream[(n // len(use_sites)) % len(use_stream)]
-                if fault == "hang" and path != use_paths[0]:
-                    continue  # one hang scenario is enough: each costs a deadline
-                scenarios.append(
+                    picks = list(itertools.product(use_stream, use_sites))
+                else:
+                    if fault == "hang" and path != use_paths[0]:
+                        next(rotation)
+                        continue  # one hang scenario is enough: each costs a deadline
+                    n = next(rotation)
+                    site = "decode" if fault == "hang" else use_sites[n % len(use_sites)]
+                    picks = [(use_stream[(n // len(use_sites)) % len(use_stream)], site)]
+                scenarios.extend(
                     Scenario(
                         fault,
                         sem,
@@ -155,7 +145,8 @@ def build_matrix(
                         site,
                         bystanders=_bystanders(path),
                         trigger=trigger,
-                    )
+                    )  # fmt: skip
+                    for is_stream, site in picks
                 )
     if (not faults or "resource_limit" in faults) and "batched" in use_paths:
         if not semantics or "sync" in semantics:
