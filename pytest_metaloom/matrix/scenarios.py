@@ -145,7 +145,7 @@ def build_matrix(
                         site,
                         bystanders=_bystanders(path),
                         trigger=trigger,
-                    )  # fmt: skip
+                    )
                     for is_stream, site in picks
                 )
     if (not faults or "resource_limit" in faults) and "batched" in use_paths:
